@@ -1,0 +1,25 @@
+"""structcov: structured covariances for Gaussian-distributed parameters.
+
+Written once against the Python array API standard; runs on NumPy, CuPy,
+PyTorch and JAX. Importing this package imports no array backend.
+"""
+
+from .covariances import (
+    DiagonalCovariance,
+    FactorizedCovariance,
+    KroneckerCovariance,
+    LowRankCovariance,
+)
+from .gaussian import BNNParameter, GaussianParameter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BNNParameter",
+    "DiagonalCovariance",
+    "FactorizedCovariance",
+    "GaussianParameter",
+    "KroneckerCovariance",
+    "LowRankCovariance",
+    "__version__",
+]

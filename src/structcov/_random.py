@@ -1,0 +1,175 @@
+"""The one RNG seam: a backend generator in, standard normal arrays out.
+
+The array API has no random numbers, so this is the only module of the core that
+knows backends by name. Everything else samples as
+``factor_matmul(z, additive_constant=mean)`` with ``z`` drawn here.
+
+Accepted ``generator`` values, by the namespace of the arrays:
+
+=================  ==================================  ==========================
+namespace          generator                           ``None`` means
+=================  ==================================  ==========================
+numpy              ``numpy.random.Generator``          NumPy's global RNG
+torch              ``torch.Generator`` (same device)   torch's global RNG
+jax                a PRNG key (``jax.random.key`` or   error: JAX needs a key
+                   ``jax.random.PRNGKey``)
+cupy               ``cupy.random.Generator``           CuPy's global RNG
+others (e.g.       ``numpy.random.Generator``; the     NumPy's global RNG
+array_api_strict)  draw is converted with ``asarray``
+=================  ==================================  ==========================
+
+The same generator state gives the same numbers. A JAX key is split once per
+array when several arrays are drawn at once, so no two arrays share numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._array_api import Array, backend_name
+
+__all__ = ["standard_normal", "standard_normals"]
+
+_NATIVE = ("torch", "jax", "cupy")
+
+
+def _generator_kind(generator: Any) -> str:
+    module = type(generator).__module__
+    if generator is None:
+        return "none"
+    if module.startswith("numpy.random"):
+        return "numpy"
+    if module.startswith("torch") and type(generator).__name__ == "Generator":
+        return "torch"
+    if module.startswith("cupy.random"):
+        return "cupy"
+    if module.startswith(("jax", "jaxlib")):
+        return "jax"
+    return "unknown"
+
+
+def _describe(generator: Any) -> str:
+    return f"{type(generator).__module__}.{type(generator).__qualname__}"
+
+
+def standard_normals(
+    generator: Any,
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    xp: Any,
+    dtype: Any,
+    device: Any,
+) -> list[Array]:
+    """Draw one standard normal array per shape in ``shapes``.
+
+    Parameters
+    ----------
+    generator
+        A backend generator fitting ``xp`` (see the module table) or ``None``.
+    shapes
+        The shapes to draw, in order.
+    xp, dtype, device
+        Namespace, dtype and device of the arrays to return.
+
+    Returns
+    -------
+    list of arrays
+        ``len(shapes)`` arrays of standard normals, of ``dtype`` on ``device``.
+    """
+    backend = backend_name(xp)
+    kind = _generator_kind(generator)
+    shapes = [tuple(int(d) for d in shape) for shape in shapes]
+
+    if kind == "none" and backend == "jax":
+        raise ValueError(
+            "`generator` must be a JAX PRNG key for JAX arrays (e.g. jax.random.key(0)), got None;"
+            " JAX has no global random state"
+        )
+    if kind == "unknown":
+        raise TypeError(
+            f"`generator` must be a numpy.random.Generator, torch.Generator, JAX PRNG key, "
+            f"cupy.random.Generator or None, got {_describe(generator)}"
+        )
+    expected = backend if backend in _NATIVE else "numpy"
+    if kind not in ("none", expected):
+        raise TypeError(
+            f"`generator` does not fit the arrays' backend: arrays are {backend}, so `generator` "
+            f"must be {_EXPECTED[expected]} or None, got {_describe(generator)}"
+        )
+
+    if expected == "torch":
+        return _torch_normals(generator, shapes, dtype, device)
+    if expected == "jax":
+        return _jax_normals(generator, shapes, dtype, device)
+    if expected == "cupy":
+        return _cupy_normals(generator, shapes, dtype)
+    return _numpy_normals(generator, shapes, xp, dtype, device, native=backend == "numpy")
+
+
+def standard_normal(
+    generator: Any, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: Any
+) -> Array:
+    """Draw one standard normal array of ``shape`` (see :func:`standard_normals`)."""
+    return standard_normals(generator, [shape], xp=xp, dtype=dtype, device=device)[0]
+
+
+_EXPECTED = {
+    "numpy": "a numpy.random.Generator",
+    "torch": "a torch.Generator",
+    "jax": "a JAX PRNG key",
+    "cupy": "a cupy.random.Generator",
+}
+
+
+def _numpy_normals(
+    generator: Any, shapes: list[tuple[int, ...]], xp: Any, dtype: Any, device: Any, native: bool
+) -> list[Array]:
+    import numpy as np
+
+    if native:
+        if generator is None:
+            # NumPy's global state, so that numpy.random.seed() governs it.
+            return [np.random.standard_normal(s).astype(dtype, copy=False) for s in shapes]
+        return [generator.standard_normal(s, dtype=dtype) for s in shapes]
+    draw = np.random.standard_normal if generator is None else generator.standard_normal
+    return [xp.asarray(draw(s), dtype=dtype, device=device) for s in shapes]
+
+
+def _torch_normals(
+    generator: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any
+) -> list[Array]:
+    import torch
+
+    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(
+            f"`generator` is a torch.Generator on {generator.device}, but the arrays are on "
+            f"{device}: use torch.Generator(device={str(device)!r})"
+        )
+    return [torch.randn(s, generator=generator, dtype=dtype, device=device) for s in shapes]
+
+
+def _jax_normals(
+    key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any
+) -> list[Array]:
+    import jax
+
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (typed and key.shape == ()) and not (str(key.dtype) == "uint32" and key.shape == (2,)):
+        raise TypeError(
+            "`generator` must be a single JAX PRNG key (jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed)), got an array of dtype {key.dtype} and shape {key.shape}"
+        )
+    # One key per array: reusing a key would put the same numbers in two arrays.
+    keys = [key] if len(shapes) == 1 else list(jax.random.split(key, len(shapes)))
+    out = [jax.random.normal(k, s, dtype=dtype) for k, s in zip(keys, shapes, strict=True)]
+    if device is not None:
+        out = [jax.device_put(z, device) for z in out]
+    return out
+
+
+def _cupy_normals(generator: Any, shapes: list[tuple[int, ...]], dtype: Any) -> list[Array]:
+    import cupy
+
+    draw = cupy.random.standard_normal if generator is None else generator.standard_normal
+    return [draw(s, dtype=dtype) for s in shapes]

@@ -1,0 +1,310 @@
+"""Machinery shared by every covariance structure.
+
+Every structure is Sigma = S S^T with S of shape (P, K). A structure declares
+its storage as a tuple of :class:`Slot` s (what array lives where, its shape,
+learning-rate scaling and initial standard deviation) and implements
+``_blocks(xp, z)``, the per-name products ``S_name z``. Everything else —
+validation, storage creation, ``reset_parameters``, ``lr_scaling``, the
+additive constant, reshaping, ``to_dense`` — is written once here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._array_api import Array, Layout, describe_means, device_of, namespace
+from .._random import standard_normals
+
+__all__ = ["Slot", "StructuredCovariance", "check_rank"]
+
+
+def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
+    """Validate a rank argument: a positive int (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "a positive int or None" if optional else "a positive int"
+        raise TypeError(f"`{argument}` must be {expected}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"`{argument}` must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One stored array of a covariance.
+
+    ``attribute`` is the storage attribute (``factor``, ``scale``, ...); ``name`` the
+    mean name it belongs to, or ``None`` for a single array attribute (Kronecker's
+    ``output_factor``). Its initial entries are N(0, std^2) with
+    ``std = mean_parameter_scales[scale_of] * multiplier`` (``scale_of=None``: no scale).
+    """
+
+    attribute: str
+    name: str | None
+    shape: tuple[int, ...]
+    lr_scaling: float
+    multiplier: float
+    scale_of: str | None
+
+    @property
+    def path(self) -> str:
+        return self.attribute if self.name is None else f"{self.attribute}.{self.name}"
+
+
+class StructuredCovariance:
+    """Common base: storage, validation and the ``factor_matmul`` driver.
+
+    Not public; the public base is :class:`structcov.FactorizedCovariance`.
+    """
+
+    #: storage attributes holding ``{name: array}`` dicts
+    _dict_attributes: tuple[str, ...] = ()
+    #: storage attributes holding a single array
+    _array_attributes: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._layout: Layout | None = None
+        for attribute in self._dict_attributes:
+            setattr(self, attribute, {})
+        for attribute in self._array_attributes:
+            setattr(self, attribute, None)
+
+    # ------------------------------------------------------------------ hooks
+    def _setup(self, layout: Layout) -> None:
+        """Validate the layout for this structure and fix the static ranks."""
+        raise NotImplementedError
+
+    def _slots(self) -> tuple[Slot, ...]:
+        """The stored arrays, in a fixed order."""
+        raise NotImplementedError
+
+    def _blocks(self, xp: Any, z: Array) -> list[Array]:
+        """``S_name z`` for each name in layout order: ``z`` is (B, K), each block (B, n)."""
+        raise NotImplementedError
+
+    @property
+    def num_factor_columns(self) -> int:
+        """K, the number of columns of the sampling factor S (standard normals per sample)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ properties
+    @property
+    def layout(self) -> Layout:
+        """Names, shapes and offsets of the flat parameter vector."""
+        if self._layout is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has not been initialized: call "
+                "initialize_parameters(mean) first, or pass it to GaussianParameter(mean, cov)"
+            )
+        return self._layout
+
+    @property
+    def num_params(self) -> int:
+        """P, the length of the flat parameter vector."""
+        return self.layout.num_params
+
+    @property
+    def lr_scaling(self) -> dict[str, float]:
+        """Learning-rate scaling per storage path (``"factor.weight"``, ``"output_factor"``)."""
+        return {slot.path: slot.lr_scaling for slot in self._slots_checked()}
+
+    def _slots_checked(self) -> tuple[Slot, ...]:
+        self.layout  # noqa: B018 -- raises the "not initialized" error
+        return self._slots()
+
+    def _get(self, slot: Slot) -> Array:
+        stored = getattr(self, slot.attribute)
+        return stored if slot.name is None else stored[slot.name]
+
+    def _set(self, slot: Slot, value: Array) -> None:
+        if slot.name is None:
+            setattr(self, slot.attribute, value)
+        else:
+            getattr(self, slot.attribute)[slot.name] = value
+
+    def _reference_array(self) -> Array:
+        """A stored array whose namespace, dtype and device the outputs take."""
+        return self._get(self._slots_checked()[0])
+
+    # -------------------------------------------------------- initialization
+    def initialize_parameters(self, mean_parameters: Any) -> None:
+        """Create the covariance storage for the given means (entries set to zero).
+
+        ``mean_parameters`` is a mapping name -> array (``None`` entries take no
+        part) or a bare array (``{"mean": array}``). Storage takes the means'
+        namespace, dtype and device. Call :meth:`reset_parameters` to draw
+        initial values; :class:`structcov.GaussianParameter` calls this for you.
+        """
+        layout, xp, dtype, device = describe_means(mean_parameters)
+        self._setup(layout)
+        self._layout = layout
+        for attribute in self._dict_attributes:
+            setattr(self, attribute, {})
+        for slot in self._slots():
+            self._set(slot, xp.zeros(slot.shape, dtype=dtype, device=device))
+
+    def reset_parameters(
+        self,
+        mean_parameter_scales: Mapping[str, float] | float = 1.0,
+        generator: Any = None,
+    ) -> None:
+        """Draw new covariance parameters: entries N(0, std^2), std by structure.
+
+        ``mean_parameter_scales`` is one float for every mean, or a mapping mean
+        name -> float. The structure-specific std is documented on each class
+        (e.g. ``scale / sqrt(rank)`` for factors). ``generator`` is the backend
+        generator (see :mod:`structcov._random`); the same state gives the same
+        parameters.
+        """
+        slots = self._slots_checked()
+        scales = self._scales(mean_parameter_scales)
+        reference = self._reference_array()
+        xp = namespace(reference)
+        draws = standard_normals(
+            generator,
+            [slot.shape for slot in slots],
+            xp=xp,
+            dtype=reference.dtype,
+            device=device_of(reference),
+        )
+        for slot, z in zip(slots, draws, strict=True):
+            std = slot.multiplier * (1.0 if slot.scale_of is None else scales[slot.scale_of])
+            self._set(slot, z * std)
+
+    def _scales(self, mean_parameter_scales: Mapping[str, float] | float) -> dict[str, float]:
+        names = self.layout.names
+        if isinstance(mean_parameter_scales, Mapping):
+            unknown = sorted(set(mean_parameter_scales) - set(names))
+            missing = [name for name in names if name not in mean_parameter_scales]
+            if unknown or missing:
+                raise ValueError(
+                    f"`mean_parameter_scales` must have the keys {list(names)}, got "
+                    f"{list(mean_parameter_scales)}"
+                )
+            scales = {name: mean_parameter_scales[name] for name in names}
+        else:
+            scales = dict.fromkeys(names, mean_parameter_scales)
+        for name, value in scales.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(
+                    f"`mean_parameter_scales` must be non-negative floats, got {value!r} "
+                    f"for {name!r}"
+                )
+        return {name: float(value) for name, value in scales.items()}
+
+    # ------------------------------------------------------------ products
+    def factor_matmul(
+        self, input: Array, /, additive_constant: Array | Mapping[str, Array] | None = None
+    ) -> dict[str, Array]:
+        """Multiply the sampling factor S with ``input`` and add ``additive_constant``.
+
+        Parameters
+        ----------
+        input
+            Shape ``(*batch, K)`` with K = :attr:`num_factor_columns`, same
+            namespace and dtype as the covariance parameters.
+        additive_constant
+            ``None``, a flat array of shape ``(P,)`` in the flat parameter order,
+            or a mapping name -> array shaped like that mean (e.g. the means).
+
+        Returns
+        -------
+        dict
+            name -> array of shape ``(*batch, *mean.shape)``: ``m + S z`` split per
+            name. With ``input = eye(K)`` the result holds the columns of S.
+        """
+        layout = self.layout
+        reference = self._reference_array()
+        xp = namespace(input, reference, argument="`input` and the covariance parameters")
+        num_columns = self.num_factor_columns
+        if input.ndim < 1 or input.shape[-1] != num_columns:
+            raise ValueError(
+                f"`input` must have last dimension {num_columns} (the number of factor "
+                f"columns K), got shape {tuple(input.shape)}"
+            )
+        if input.dtype != reference.dtype:
+            raise TypeError(
+                f"`input` must have the covariance parameters' dtype {reference.dtype}, got "
+                f"{input.dtype}"
+            )
+        constants = self._split_constant(xp, additive_constant, reference.dtype)
+        batch = tuple(input.shape[:-1])
+        z = input if input.ndim == 2 else xp.reshape(input, (math.prod(batch), num_columns))
+        out = {}
+        for name, shape, block, constant in zip(
+            layout.names, layout.shapes, self._blocks(xp, z), constants, strict=True
+        ):
+            if constant is not None:
+                block = block + constant
+            out[name] = xp.reshape(block, (*batch, *shape))
+        return out
+
+    def _split_constant(
+        self, xp: Any, constant: Array | Mapping[str, Array] | None, dtype: Any
+    ) -> list[Array | None]:
+        layout = self.layout
+        if constant is None:
+            return [None] * len(layout.names)
+        if isinstance(constant, Mapping):
+            present = {k: v for k, v in constant.items() if v is not None}
+            if set(present) != set(layout.names):
+                raise ValueError(
+                    f"`additive_constant` must have the keys {list(layout.names)}, got "
+                    f"{list(present)}"
+                )
+            parts = []
+            for name, shape in zip(layout.names, layout.shapes, strict=True):
+                value = present[name]
+                if tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"`additive_constant[{name!r}]` must have shape {shape}, got "
+                        f"{tuple(value.shape)}"
+                    )
+                self._check_dtype(value, dtype, f"`additive_constant[{name!r}]`")
+                parts.append(xp.reshape(value, (-1,)))
+            return parts
+        if constant.ndim != 1 or constant.shape[0] != layout.num_params:
+            raise ValueError(
+                f"`additive_constant` must have shape ({layout.num_params},) (P, the number of "
+                f"parameters), got {tuple(constant.shape)}"
+            )
+        self._check_dtype(constant, dtype, "`additive_constant`")
+        return [
+            constant[offset : offset + size]
+            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
+        ]
+
+    @staticmethod
+    def _check_dtype(value: Array, dtype: Any, argument: str) -> None:
+        if value.dtype != dtype:
+            raise TypeError(
+                f"{argument} must have the covariance parameters' dtype {dtype}, got {value.dtype}"
+            )
+
+    def to_dense(self) -> Array:
+        """The dense covariance Sigma = S S^T, shape (P, P), in the flat parameter order.
+
+        Cost: O(P^2 K) time, O(P^2 + P K) memory. The only operation that builds
+        a P x P matrix; meant for tests and small problems.
+        """
+        reference = self._reference_array()
+        xp = namespace(reference)
+        num_columns = self.num_factor_columns
+        eye = xp.eye(num_columns, dtype=reference.dtype, device=device_of(reference))
+        columns = self.factor_matmul(eye)  # name -> (K, *shape): row k is column k of S
+        factor_t = xp.concat(
+            [xp.reshape(columns[name], (num_columns, -1)) for name in self.layout.names], axis=1
+        )
+        return xp.matmul(xp.matrix_transpose(factor_t), factor_t)
+
+    def __repr__(self) -> str:
+        if self._layout is None:
+            return f"{type(self).__name__}(uninitialized)"
+        return (
+            f"{type(self).__name__}(P={self._layout.num_params}, "
+            f"K={self.num_factor_columns}, names={list(self._layout.names)})"
+        )
