@@ -137,9 +137,7 @@ def describe_means(mean_parameters: Any) -> tuple[Layout, Any, Any, Any]:
     dtype, device = first.dtype, device_of(first)
     for name, value in present.items():
         if not xp.isdtype(value.dtype, "real floating"):
-            raise TypeError(
-                f"`mean[{name!r}]` must have a real floating dtype, got {value.dtype}"
-            )
+            raise TypeError(f"`mean[{name!r}]` must have a real floating dtype, got {value.dtype}")
         if value.dtype != dtype:
             raise TypeError(
                 f"`mean` entries must share one dtype: `mean[{first_name!r}]` is {dtype}, "

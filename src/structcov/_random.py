@@ -127,12 +127,12 @@ def _numpy_normals(
 ) -> list[Array]:
     import numpy as np
 
-    if native:
-        if generator is None:
-            # NumPy's global state, so that numpy.random.seed() governs it.
-            return [np.random.standard_normal(s).astype(dtype, copy=False) for s in shapes]
+    if native and generator is not None:
         return [generator.standard_normal(s, dtype=dtype) for s in shapes]
+    # None: NumPy's global state, so that numpy.random.seed() governs it.
     draw = np.random.standard_normal if generator is None else generator.standard_normal
+    if native:
+        return [draw(s).astype(dtype, copy=False) for s in shapes]
     return [xp.asarray(draw(s), dtype=dtype, device=device) for s in shapes]
 
 
@@ -149,12 +149,10 @@ def _torch_normals(
     return [torch.randn(s, generator=generator, dtype=dtype, device=device) for s in shapes]
 
 
-def _jax_normals(
-    key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any
-) -> list[Array]:
+def _jax_normals(key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any) -> list[Array]:
     import jax
 
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    typed = jax.numpy.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not (typed and key.shape == ()) and not (str(key.dtype) == "uint32" and key.shape == (2,)):
         raise TypeError(
             "`generator` must be a single JAX PRNG key (jax.random.key(seed) or "

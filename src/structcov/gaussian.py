@@ -22,7 +22,9 @@ def _sample_shape(sample_shape: Any) -> tuple[int, ...]:
             f"`sample_shape` must be a tuple of non-negative ints, got {sample_shape!r}"
         ) from None
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise TypeError(f"`sample_shape` must be a tuple of non-negative ints, got {sample_shape!r}")
+        raise TypeError(
+            f"`sample_shape` must be a tuple of non-negative ints, got {sample_shape!r}"
+        )
     return shape
 
 
@@ -84,9 +86,7 @@ class GaussianParameter(BNNParameter):
         A covariance structure, e.g. :class:`structcov.DiagonalCovariance`.
     """
 
-    def __init__(
-        self, mean: Array | Mapping[str, Array | None], cov: FactorizedCovariance
-    ) -> None:
+    def __init__(self, mean: Array | Mapping[str, Array | None], cov: FactorizedCovariance) -> None:
         if not isinstance(cov, FactorizedCovariance):
             raise TypeError(
                 f"`cov` must be a structcov covariance (e.g. DiagonalCovariance()), got "
@@ -118,7 +118,7 @@ class GaussianParameter(BNNParameter):
         ``factor_matmul``; no copy of the factor.
         """
         shape = _sample_shape(sample_shape)
-        means = {name: self.mean[name] for name in self.names}
+        means: dict[str, Array] = {name: self.mean[name] for name in self.names}
         reference = means[self.names[0]]
 
         z = standard_normal(

@@ -130,6 +130,34 @@ class StructuredCovariance:
         """A stored array whose namespace, dtype and device the outputs take."""
         return self._get(self._slots_checked()[0])
 
+    def storage(self) -> dict[str, Array]:
+        """The stored arrays by path (``"factor.weight"``, ``"output_factor"``), in a fixed order.
+
+        The paths are those of :attr:`lr_scaling`. The arrays are the stored ones,
+        not copies.
+        """
+        return {slot.path: self._get(slot) for slot in self._slots_checked()}
+
+    def load_storage(self, arrays: Mapping[str, Array]) -> None:
+        """Replace the stored arrays by ``arrays`` (path -> array, every path once).
+
+        Each array must have its slot's shape; namespace, dtype and device are the
+        caller's choice (e.g. to move a covariance to another backend).
+        """
+        slots = self._slots_checked()
+        paths = [slot.path for slot in slots]
+        if set(arrays) != set(paths):
+            raise ValueError(f"`arrays` must have the keys {paths}, got {list(arrays)}")
+        for slot in slots:
+            value = arrays[slot.path]
+            if tuple(value.shape) != slot.shape:
+                raise ValueError(
+                    f"`arrays[{slot.path!r}]` must have shape {slot.shape}, "
+                    f"got {tuple(value.shape)}"
+                )
+        for slot in slots:
+            self._set(slot, arrays[slot.path])
+
     # -------------------------------------------------------- initialization
     def initialize_parameters(self, mean_parameters: Any) -> None:
         """Create the covariance storage for the given means (entries set to zero).

@@ -54,7 +54,7 @@ class KroneckerCovariance(FactorizedCovariance):
     _dict_attributes = ("input_factor",)
     _array_attributes = ("output_factor",)
     input_factor: dict[str, Array]
-    output_factor: Array | None
+    output_factor: Array
 
     def __init__(self, input_rank: int | None = None, output_rank: int | None = None) -> None:
         super().__init__(rank=None)
@@ -105,7 +105,9 @@ class KroneckerCovariance(FactorizedCovariance):
         self._d_in = math.prod(weight_shape[1:])
         d_in_augmented = self._d_in + int(self._has_bias)
         requested_in, requested_out = self._requested_input_rank, self._requested_output_rank
-        self._input_rank = d_in_augmented if requested_in is None else min(requested_in, d_in_augmented)
+        self._input_rank = (
+            d_in_augmented if requested_in is None else min(requested_in, d_in_augmented)
+        )
         self._output_rank = d_out if requested_out is None else min(requested_out, d_out)
         self._rank = self._input_rank * self._output_rank
 
@@ -125,7 +127,14 @@ class KroneckerCovariance(FactorizedCovariance):
             for name in layout.names
         ]
         slots.append(
-            Slot("output_factor", None, (self._d_out, r_out), 1.0 / r_out, 1.0 / math.sqrt(r_out), None)
+            Slot(
+                "output_factor",
+                None,
+                (self._d_out, r_out),
+                1.0 / r_out,
+                1.0 / math.sqrt(r_out),
+                None,
+            )
         )
         return tuple(slots)
 

@@ -1,0 +1,62 @@
+"""Test matrix: one session per array backend, plus lint.
+
+``nox`` runs every session; the cupy session skips itself on machines without a
+CUDA device. ``nox -s tests-torch`` runs one backend. Extra arguments go to
+pytest: ``nox -s tests-numpy -- -k kronecker``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = False
+
+# What each backend session installs on top of the package and its test extra.
+# Keep the torch/jax pins in sync with pyproject.toml's extras.
+BACKENDS = {
+    "numpy": [],
+    "array_api_strict": [],
+    "torch": ["torch"],
+    "jax": ["jax"],
+    "cupy": ["cupy"],
+}
+
+nox.options.sessions = [f"tests-{name}" for name in BACKENDS] + ["lint"]
+
+
+def _has_cuda_device() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+@nox.session(name="tests")
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the test suite on one array backend (STRUCTCOV_BACKEND=<backend>)."""
+    if backend == "cupy" and not _has_cuda_device():
+        session.skip("cupy needs a CUDA device; none found (no nvidia-smi)")
+    extras = ",".join(["test", *BACKENDS[backend]])
+    session.install("-e", f".[{extras}]")
+    env = {"STRUCTCOV_BACKEND": backend}
+    if backend == "jax":
+        env["JAX_ENABLE_X64"] = "1"
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and mypy --strict on src/."""
+    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.10")
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with mkdocs --strict (output in site/)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
