@@ -3,22 +3,31 @@
 Every structure is Sigma = S S^T with S of shape (P, K). A structure declares
 its storage as a tuple of :class:`Slot` s (what array lives where, its shape,
 learning-rate scaling and initial standard deviation) and implements
-``_blocks(xp, z)``, the per-name products ``S_name z``. Everything else —
-validation, storage creation, ``reset_parameters``, ``lr_scaling``, the
-additive constant, reshaping, ``to_dense`` — is written once here.
+``_blocks(xp, z)`` (the per-name products ``S_name z``), ``_rblocks(xp, x)``
+(``S^T x``), ``_diagonal_blocks``, ``_logdet`` and ``_solve_blocks``. Everything
+else — validation, storage creation, ``reset_parameters``, ``lr_scaling``, the
+additive constant, flattening, ``matmul = S (S^T x)``, ``to_dense`` — is
+written once here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._array_api import Array, Layout, describe_means, device_of, namespace
 from .._random import standard_normals
 
-__all__ = ["Slot", "StructuredCovariance", "check_rank"]
+__all__ = ["Slot", "StructuredCovariance", "check_rank", "total"]
+
+
+def total(parts: Iterable[Array]) -> Array:
+    """The sum of a non-empty sequence of arrays (keeps the first one's namespace)."""
+    return functools.reduce(operator.add, parts)
 
 
 def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
@@ -90,6 +99,33 @@ class StructuredCovariance:
     def num_factor_columns(self) -> int:
         """K, the number of columns of the sampling factor S (standard normals per sample)."""
         raise NotImplementedError
+
+    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
+        """``S^T x`` of shape (B, K) from the per-name blocks ``x`` (each (B, n))."""
+        raise NotImplementedError
+
+    def _diagonal_blocks(self, xp: Any) -> list[Array]:
+        """The diagonal of Sigma per name, each of shape (n,)."""
+        raise NotImplementedError
+
+    def _logdet(self, xp: Any) -> Array:
+        """log det Sigma of a full-rank structure, a 0-D array."""
+        raise NotImplementedError
+
+    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
+        """``Sigma^-1 x`` per name for a full-rank structure, blocks of shape (B, n)."""
+        raise NotImplementedError
+
+    @property
+    def is_singular(self) -> bool:
+        """Whether Sigma is singular by construction (fewer factor columns than it needs).
+
+        A static fact of the structure and its ranks; a full-rank structure whose
+        stored values happen to be degenerate is not detected here.
+        """
+        raise NotImplementedError
+
+    _singular_advice = "use LowRankPlusDiagonalCovariance or a full-rank structure"
 
     # ------------------------------------------------------------ properties
     @property
@@ -312,6 +348,125 @@ class StructuredCovariance:
             raise TypeError(
                 f"{argument} must have the covariance parameters' dtype {dtype}, got {value.dtype}"
             )
+
+    # ------------------------------------------------- flat vectors and algebra
+    def flatten(self, values: Mapping[str, Array]) -> Array:
+        """Concatenate ``values`` (name -> ``(*batch, *shape)``) into ``(*batch, P)``.
+
+        The flat parameter order: names in insertion order, each row-major. Costs
+        one copy of size ``batch * P``.
+        """
+        layout = self.layout
+        present = {k: v for k, v in values.items() if v is not None}
+        if set(present) != set(layout.names):
+            raise ValueError(
+                f"`values` must have the keys {list(layout.names)}, got {list(present)}"
+            )
+        first = present[layout.names[0]]
+        batch = tuple(first.shape[: first.ndim - len(layout.shapes[0])])
+        parts = []
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            value = present[name]
+            if tuple(value.shape) != (*batch, *shape):
+                raise ValueError(
+                    f"`values[{name!r}]` must have shape {(*batch, *shape)} (batch {batch}, then "
+                    f"the mean's shape), got {tuple(value.shape)}"
+                )
+            parts.append(value)
+        xp = namespace(*parts, argument="`values`")
+        return xp.concat([xp.reshape(v, (*batch, -1)) for v in parts], axis=-1)
+
+    def unflatten(self, x: Array) -> dict[str, Array]:
+        """Split ``x`` of shape ``(*batch, P)`` into name -> ``(*batch, *shape)`` (views)."""
+        layout = self.layout
+        xp = namespace(x, argument="`x`")
+        self._check_flat(x, "x")
+        batch = tuple(x.shape[:-1])
+        return {
+            name: xp.reshape(x[..., offset : offset + size], (*batch, *shape))
+            for name, shape, offset, size in zip(
+                layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True
+            )
+        }
+
+    def _check_flat(self, x: Array, argument: str) -> None:
+        num_params = self.layout.num_params
+        if x.ndim < 1 or x.shape[-1] != num_params:
+            raise ValueError(
+                f"`{argument}` must have last dimension {num_params} (P, the number of "
+                f"parameters), got shape {tuple(x.shape)}"
+            )
+
+    def _flat_blocks(self, x: Array, argument: str) -> tuple[Any, tuple[int, ...], list[Array]]:
+        """Validate ``x`` of shape (*batch, P); return ``(xp, batch, blocks)``, blocks (B, n)."""
+        layout = self.layout
+        reference = self._reference_array()
+        xp = namespace(x, reference, argument=f"`{argument}` and the covariance parameters")
+        self._check_flat(x, argument)
+        self._check_dtype(x, reference.dtype, f"`{argument}`")
+        batch = tuple(x.shape[:-1])
+        x2 = x if x.ndim == 2 else xp.reshape(x, (math.prod(batch), layout.num_params))
+        blocks = [
+            x2[:, offset : offset + size]
+            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
+        ]
+        return xp, batch, blocks
+
+    @staticmethod
+    def _assemble(xp: Any, blocks: list[Array], batch: tuple[int, ...]) -> Array:
+        flat = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+        return xp.reshape(flat, (*batch, flat.shape[1]))
+
+    def matmul(self, x: Array) -> Array:
+        """Sigma x for ``x`` of shape ``(*batch, P)``; returns ``(*batch, P)``.
+
+        Computed as S (S^T x): O(B P K) for factor structures, O(B P) for the
+        diagonal, two small GEMMs per side for Kronecker. Never forms Sigma.
+        """
+        xp, batch, blocks = self._flat_blocks(x, "x")
+        return self._assemble(xp, self._blocks(xp, self._rblocks(xp, blocks)), batch)
+
+    def diagonal(self) -> Array:
+        """The marginal variances diag(Sigma), shape ``(P,)``, in the flat order. O(P K)."""
+        xp = namespace(self._reference_array())
+        blocks = self._diagonal_blocks(xp)
+        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+
+    def variances(self) -> dict[str, Array]:
+        """The marginal variances per name, shaped like the means (``unflatten(diagonal())``)."""
+        return self.unflatten(self.diagonal())
+
+    def trace(self) -> Array:
+        """tr Sigma = sum of the marginal variances, a 0-D array. O(P K)."""
+        xp = namespace(self._reference_array())
+        return total(xp.sum(block) for block in self._diagonal_blocks(xp))
+
+    def logdet(self) -> Array:
+        """log det Sigma, a 0-D array; ``-inf`` for a singular structure (see :attr:`is_singular`).
+
+        The identity used is on each class (2 log|det S|, the matrix determinant
+        lemma, the Kronecker mixed-product rule). Never forms S S^T.
+        """
+        reference = self._reference_array()
+        xp = namespace(reference)
+        if self.is_singular:
+            return xp.full((), -math.inf, dtype=reference.dtype, device=device_of(reference))
+        return self._logdet(xp)
+
+    def solve(self, x: Array) -> Array:
+        """Sigma^-1 x for ``x`` of shape ``(*batch, P)``; returns ``(*batch, P)``.
+
+        Raises ``ValueError`` for a singular structure (no inverse exists). The
+        identity used is on each class (square factor solves, Woodbury,
+        Kronecker factor solves). Never forms or factorises S S^T.
+        """
+        if self.is_singular:
+            raise ValueError(
+                f"{self!r} is singular (rank {self.num_factor_columns} < P = {self.num_params}), "
+                f"so it has no inverse: {self._singular_advice}"
+            )
+        xp, batch, blocks = self._flat_blocks(x, "x")
+        return self._assemble(xp, self._solve_blocks(xp, blocks), batch)
 
     def to_dense(self) -> Array:
         """The dense covariance Sigma = S S^T, shape (P, P), in the flat parameter order.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import _linalg
 from .._array_api import Array, Layout
-from ._base import Slot, StructuredCovariance, check_rank
+from ._base import Slot, StructuredCovariance, check_rank, total
 
 __all__ = ["FactorizedCovariance", "LowRankCovariance"]
 
@@ -24,8 +25,15 @@ class FactorizedCovariance(StructuredCovariance):
         Number of columns of S. ``None`` means P (full rank); a rank above P is
         clamped to P; below 1 is a ``ValueError``.
 
-    Costs (B samples): ``factor_matmul`` one (B, K) x (K, n) GEMM per name,
-    O(B P K) time, no copy of S; ``to_dense`` O(P^2 K).
+    Costs (B vectors): ``factor_matmul`` one (B, K) x (K, n) GEMM per name,
+    O(B P K) time, no copy of S; ``matmul`` = S (S^T x), O(B P K);
+    ``diagonal``/``trace`` row sums of squares, O(P K); ``to_dense`` O(P^2 K).
+
+    Rank K < P is singular: ``logdet`` is ``-inf`` and ``solve`` raises. At full
+    rank (K = P) the square factor gives ``logdet = 2 log|det S|`` (LU of S,
+    O(P^3)) and ``solve`` = S^-T (S^-1 x) (two LU solves, O(P^3 + B P^2)); both
+    stack the per-name blocks of S into one P x P array first (S itself is P x P
+    here). Nothing forms S S^T.
 
     ``reset_parameters`` draws entries with std ``scale / sqrt(rank)``;
     ``lr_scaling`` is ``{"factor.<name>": 1 / rank}``.
@@ -72,12 +80,57 @@ class FactorizedCovariance(StructuredCovariance):
             for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
         ]
 
+    @property
+    def is_singular(self) -> bool:
+        return self.num_factor_columns < self.num_params
+
+    def _factor_2d(self, xp: Any, name: str, size: int) -> Array:
+        return xp.reshape(self.factor[name], (size, self.num_factor_columns))
+
+    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
+        layout = self.layout
+        return total(
+            xp.matmul(block, self._factor_2d(xp, name, size))  # (B, n) @ (n, K)
+            for name, size, block in zip(layout.names, layout.sizes, x, strict=True)
+        )
+
+    def _diagonal_blocks(self, xp: Any) -> list[Array]:
+        return [
+            xp.sum(self._factor_2d(xp, name, size) ** 2, axis=1)
+            for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
+        ]
+
+    def _square_factor(self, xp: Any) -> Array:
+        layout = self.layout
+        blocks = [
+            self._factor_2d(xp, n, size) for n, size in zip(layout.names, layout.sizes, strict=True)
+        ]
+        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+
+    def _logdet(self, xp: Any) -> Array:
+        # log det(S S^T) = 2 log|det S| for a square S: no S S^T, so no squared condition number.
+        return 2.0 * _linalg.logabsdet(xp, self._square_factor(xp))
+
+    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
+        factor = self._square_factor(xp)
+        rhs = xp.matrix_transpose(xp.concat(x, axis=1) if len(x) > 1 else x[0])  # (P, B)
+        inner = _linalg.solve(xp, factor, rhs)  # S^-1 x
+        out = xp.matrix_transpose(_linalg.solve(xp, xp.matrix_transpose(factor), inner))
+        layout = self.layout
+        return [
+            out[:, offset : offset + size]
+            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
+        ]
+
 
 class LowRankCovariance(FactorizedCovariance):
     """Low-rank covariance Sigma = S S^T, S of shape (P, rank), ``rank`` required.
 
     Same storage, costs and initialization as :class:`FactorizedCovariance`. With
-    rank < P the covariance is singular (it only spans rank directions).
+    rank < P the covariance is singular (it only spans rank directions): its
+    ``logdet`` is ``-inf``, ``solve`` raises, and the KL divergence to any
+    full-rank Gaussian is ``+inf``. For variational inference with a low-rank
+    correction use :class:`structcov.LowRankPlusDiagonalCovariance`.
     """
 
     def __init__(self, rank: int) -> None:

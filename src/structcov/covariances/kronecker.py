@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._array_api import Array, Layout
+from .. import _linalg
+from .._array_api import Array, Layout, namespace
 from ._base import Slot, check_rank
 from .factorized import FactorizedCovariance
 
@@ -37,12 +38,21 @@ class KroneckerCovariance(FactorizedCovariance):
         Columns of S_in and S_out; ``None`` means full (d_in + has_bias, d_out);
         larger values are clamped.
 
-    Costs (B samples): ``factor_matmul`` two batched GEMMs,
+    Costs (B vectors): ``factor_matmul`` two batched GEMMs,
     O(B (d_out r_out r_in + d_out r_in d_in)) in the cheaper association order;
-    no Kronecker product is ever formed. ``reset_parameters`` draws the input
-    factors with std ``scale / sqrt(input_rank)`` and the output factor with std
-    ``1 / sqrt(output_rank)``; ``lr_scaling`` is ``1 / input_rank`` for
-    ``input_factor.<name>`` and ``1 / output_rank`` for ``output_factor``.
+    ``matmul`` = S (S^T x), the same order of cost. No Kronecker product is ever
+    formed. ``diagonal`` = diag(C_out) ⊗ diag(C_in) and
+    ``trace`` = tr(C_out) tr(C_in) (mixed-product rule), O(d_out r_out + d_in r_in).
+    With square full-rank factors (input_rank = d_in + has_bias, output_rank = d_out):
+    ``logdet = 2 (d_aug log|det S_out| + d_out log|det S_in|) + P log sample_scale^2``
+    (d_aug = d_in + has_bias) and ``solve`` = vec(C_out^-1 X~ C_in^-1), four LU
+    solves with the factors, O(d_out^3 + d_aug^3 + B P (d_out + d_aug)).
+    Lower ranks are singular: ``logdet`` is ``-inf`` and ``solve`` raises.
+
+    ``reset_parameters`` draws the input factors with std ``scale / sqrt(input_rank)``
+    and the output factor with std ``1 / sqrt(output_rank)``; ``lr_scaling`` is
+    ``1 / input_rank`` for ``input_factor.<name>`` and ``1 / output_rank`` for
+    ``output_factor``.
 
     Attributes
     ----------
@@ -169,3 +179,101 @@ class KroneckerCovariance(FactorizedCovariance):
             xp.reshape(blocks[name], (batch, d_out * (d_in if name == "weight" else 1)))
             for name in self.layout.names
         ]
+
+    # ------------------------------------------------------------ algebra
+    @property
+    def is_singular(self) -> bool:
+        self.layout  # noqa: B018 -- raises the "not initialized" error
+        d_aug = self._d_in + int(self._has_bias)
+        assert self._input_rank is not None and self._output_rank is not None
+        return self._input_rank < d_aug or self._output_rank < self._d_out or not self.sample_scale
+
+    _singular_advice = (
+        "use full Kronecker ranks (input_rank=None, output_rank=None) or "
+        "LowRankPlusDiagonalCovariance"
+    )
+
+    def _input_weight(self, xp: Any) -> Array:
+        return xp.reshape(self.input_factor["weight"], (self._d_in, self._input_rank))
+
+    def _square_input_factor(self, xp: Any) -> Array:
+        """S_in of shape (d_aug, r_in): weight rows, then the bias row (augmented order)."""
+        weight = self._input_weight(xp)
+        return xp.concat([weight, self.input_factor["bias"]], axis=0) if self._has_bias else weight
+
+    def _split_augmented(self, xp: Any, x: list[Array]) -> tuple[Array, Array | None]:
+        """Per-name blocks -> weight (B, d_out, d_in) and bias (B, d_out) or None."""
+        blocks = dict(zip(self.layout.names, x, strict=True))
+        weight = xp.reshape(blocks["weight"], (blocks["weight"].shape[0], self._d_out, self._d_in))
+        return weight, blocks.get("bias")
+
+    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
+        # S^T x = vec_r(S_out^T X~ S_in) with X~ = [X_W | x_b]; X~ is never concatenated.
+        weight, bias = self._split_augmented(xp, x)
+        t = xp.matmul(weight, self._input_weight(xp))  # (B, d_out, r_in)
+        if bias is not None:
+            t = t + xp.expand_dims(bias, axis=-1) * self.input_factor["bias"]
+        v = xp.matmul(xp.matrix_transpose(self.output_factor), t)  # (B, r_out, r_in)
+        if self.sample_scale != 1.0:
+            v = v * self.sample_scale
+        return xp.reshape(v, (v.shape[0], self.num_factor_columns))
+
+    def _row_norms(self, xp: Any) -> tuple[Array, Array, Array | None]:
+        """diag(C_out) * sample_scale^2, diag(C_in) weight rows, and the bias row's entry."""
+        out = xp.sum(self.output_factor**2, axis=1) * (self.sample_scale**2)
+        weight = xp.sum(self._input_weight(xp) ** 2, axis=1)
+        bias = xp.sum(self.input_factor["bias"] ** 2) if self._has_bias else None
+        return out, weight, bias
+
+    def _diagonal_blocks(self, xp: Any) -> list[Array]:
+        out, weight, bias = self._row_norms(xp)
+        blocks = {
+            "weight": xp.reshape(
+                xp.expand_dims(out, axis=1) * xp.expand_dims(weight, axis=0), (-1,)
+            ),
+            "bias": None if bias is None else out * bias,
+        }
+        return [blocks[name] for name in self.layout.names]
+
+    def trace(self) -> Array:
+        """tr Sigma = tr(C_out) tr(C_in) (mixed-product rule), a 0-D array. O(factor sizes)."""
+        xp = namespace(self._reference_array())
+        out, weight, bias = self._row_norms(xp)
+        trace_in = xp.sum(weight) if bias is None else xp.sum(weight) + bias
+        return xp.sum(out) * trace_in
+
+    def _logdet(self, xp: Any) -> Array:
+        # det(A ⊗ B) = det(A)^m det(B)^n (A n x n, B m x m); log det(S S^T) = 2 log|det S|.
+        d_aug, d_out = self._d_in + int(self._has_bias), self._d_out
+        log_out = _linalg.logabsdet(xp, self.output_factor)
+        log_in = _linalg.logabsdet(xp, self._square_input_factor(xp))
+        scale_term = self.num_params * math.log(self.sample_scale**2)
+        return 2.0 * (d_aug * log_out + d_out * log_in) + scale_term
+
+    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
+        # (C_out ⊗ C_in)^-1 vec_r(X~) = vec_r(C_out^-1 X~ C_in^-1), C^-1 = S^-T S^-1.
+        weight, bias = self._split_augmented(xp, x)
+        batch, d_out, d_in = weight.shape[0], self._d_out, self._d_in
+        x_aug = (
+            weight if bias is None else xp.concat([weight, xp.expand_dims(bias, axis=-1)], axis=2)
+        )
+        d_aug = x_aug.shape[2]
+
+        def inverse_gram(factor: Array, rhs: Array) -> Array:
+            inner = _linalg.solve(xp, factor, rhs)
+            return _linalg.solve(xp, xp.matrix_transpose(factor), inner)
+
+        # The batch goes into the right-hand side's columns: one LU per factor, not one per vector.
+        left = xp.reshape(xp.permute_dims(x_aug, (1, 0, 2)), (d_out, batch * d_aug))
+        left = xp.reshape(inverse_gram(self.output_factor, left), (d_out, batch, d_aug))
+        right = xp.reshape(xp.permute_dims(left, (2, 1, 0)), (d_aug, batch * d_out))
+        right = inverse_gram(self._square_input_factor(xp), right)
+        y = xp.permute_dims(
+            xp.reshape(right, (d_aug, batch, d_out)), (1, 2, 0)
+        )  # (B, d_out, d_aug)
+        y = y / (self.sample_scale**2)
+        blocks = {
+            "weight": xp.reshape(y[:, :, :d_in], (batch, d_out * d_in)),
+            "bias": y[:, :, d_in] if bias is not None else None,
+        }
+        return [blocks[name] for name in self.layout.names]
