@@ -9,6 +9,7 @@ from .covariances import (
     FactorizedCovariance,
     KroneckerCovariance,
     LowRankCovariance,
+    LowRankPlusDiagonalCovariance,
 )
 from .gaussian import BNNParameter, GaussianParameter
 
@@ -21,5 +22,6 @@ __all__ = [
     "GaussianParameter",
     "KroneckerCovariance",
     "LowRankCovariance",
+    "LowRankPlusDiagonalCovariance",
     "__version__",
 ]

@@ -85,7 +85,7 @@ class FactorizedCovariance(StructuredCovariance):
         return self.num_factor_columns < self.num_params
 
     def _factor_2d(self, xp: Any, name: str, size: int) -> Array:
-        return xp.reshape(self.factor[name], (size, self.num_factor_columns))
+        return xp.reshape(self.factor[name], (size, self._rank))
 
     def _rblocks(self, xp: Any, x: list[Array]) -> Array:
         layout = self.layout
