@@ -42,7 +42,7 @@ class FactorizedCovariance(StructuredCovariance):
     structcov is a ``FactorizedCovariance``.
     """
 
-    _dict_attributes = ("factor",)
+    _dict_attributes: tuple[str, ...] = ("factor",)
     factor: dict[str, Array]
 
     def __init__(self, rank: int | None = None) -> None:
@@ -57,6 +57,10 @@ class FactorizedCovariance(StructuredCovariance):
 
     @property
     def num_factor_columns(self) -> int:
+        return self._initialized_rank
+
+    @property
+    def _initialized_rank(self) -> int:
         self.layout  # noqa: B018 -- raises the "not initialized" error
         assert self._rank is not None
         return self._rank
@@ -85,7 +89,7 @@ class FactorizedCovariance(StructuredCovariance):
         return self.num_factor_columns < self.num_params
 
     def _factor_2d(self, xp: Any, name: str, size: int) -> Array:
-        return xp.reshape(self.factor[name], (size, self._rank))
+        return xp.reshape(self.factor[name], (size, self._initialized_rank))
 
     def _rblocks(self, xp: Any, x: list[Array]) -> Array:
         layout = self.layout

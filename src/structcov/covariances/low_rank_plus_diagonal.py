@@ -45,17 +45,14 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     @property
     def num_factor_columns(self) -> int:
         """K = rank + P: the low-rank columns, then one column per parameter."""
-        num_params = self.num_params  # raises the "not initialized" error first
-        assert self._rank is not None
-        return self._rank + num_params
+        return self._initialized_rank + self.num_params
 
     def _setup(self, layout: Layout) -> None:
         assert self._requested_rank is not None
         self._rank = min(self._requested_rank, layout.num_params)
 
     def _slots(self) -> tuple[Slot, ...]:
-        layout, rank = self.layout, self._rank
-        assert rank is not None
+        layout, rank = self.layout, self._initialized_rank
         factors = tuple(
             Slot("factor", name, (*shape, rank), 1.0 / rank, 1.0 / math.sqrt(rank), name)
             for name, shape in zip(layout.names, layout.shapes, strict=True)
@@ -74,7 +71,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         return xp.reshape(self.scale[name], (size,))
 
     def _blocks(self, xp: Any, z: Array) -> list[Array]:
-        layout, rank = self.layout, self._rank
+        layout, rank = self.layout, self._initialized_rank
         low = z[:, :rank]
         return [
             xp.matmul(low, xp.matrix_transpose(self._factor_2d(xp, name, size)))
@@ -121,7 +118,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         """C = I_r + U^T D^-1 U, shape (rank, rank). O(P r^2); the only r x r object needed."""
         reference = self._reference_array()
         xp = namespace_of(reference)
-        layout, rank = self.layout, self._rank
+        layout, rank = self.layout, self._initialized_rank
         gram = total(
             xp.matmul(
                 xp.matrix_transpose(self._factor_2d(xp, name, size)),
