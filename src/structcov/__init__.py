@@ -11,7 +11,7 @@ from .covariances import (
     LowRankCovariance,
     LowRankPlusDiagonalCovariance,
 )
-from .gaussian import BNNParameter, GaussianParameter
+from .gaussian import BNNParameter, GaussianParameter, kl_divergence, normal_prior
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,6 @@ __all__ = [
     "LowRankCovariance",
     "LowRankPlusDiagonalCovariance",
     "__version__",
+    "kl_divergence",
+    "normal_prior",
 ]

@@ -468,6 +468,15 @@ class StructuredCovariance:
         xp, batch, blocks = self._flat_blocks(x, "x")
         return self._assemble(xp, self._solve_blocks(xp, blocks), batch)
 
+    def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
+        """0.5 (tr(V^-1 Sigma) - P + log det V - log det Sigma) for V = diag(variances).
+
+        The covariance part of KL(N(., Sigma) || N(., V)); structures override it
+        with a sum of well-scaled terms where they can (float32).
+        """
+        ratio = xp.sum(self.diagonal() / variances)
+        return 0.5 * (ratio - self.num_params + xp.sum(xp.log(variances)) - self.logdet())
+
     def to_dense(self) -> Array:
         """The dense covariance Sigma = S S^T, shape (P, P), in the flat parameter order.
 

@@ -80,3 +80,8 @@ class DiagonalCovariance(FactorizedCovariance):
 
     def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
         return [b / v for b, v in zip(x, self._diagonal_blocks(xp), strict=True)]
+
+    def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
+        # sum(r - 1 - log r), r = s^2 / v: every term >= 0, no cancellation of large sums.
+        ratio = self.diagonal() / variances
+        return 0.5 * xp.sum(ratio - 1.0 - xp.log(ratio))

@@ -147,3 +147,15 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
             y_n - xp.matmul(w, xp.matrix_transpose(self._factor_2d(xp, name, size))) / v
             for name, size, y_n, v in zip(layout.names, layout.sizes, y, variances, strict=True)
         ]
+
+    def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
+        # With r = d^2 / v: 0.5 [sum(r - 1 - log r) + sum(rowsum(U^2) / v) - log det C],
+        # each part well scaled (the determinant lemma splits log det Sigma).
+        layout = self.layout
+        parts = []
+        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+            v = variances[offset : offset + size]
+            ratio = self._d(xp, name, size) ** 2 / v
+            low = xp.sum(self._factor_2d(xp, name, size) ** 2, axis=1) / v
+            parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + low))
+        return 0.5 * (total(parts) - _linalg.logabsdet(xp, self.capacitance()))
