@@ -49,7 +49,8 @@ class Slot:
     ``attribute`` is the storage attribute (``factor``, ``scale``, ...); ``name`` the
     mean name it belongs to, or ``None`` for a single array attribute (Kronecker's
     ``output_factor``). Its initial entries are N(0, std^2) with
-    ``std = mean_parameter_scales[scale_of] * multiplier`` (``scale_of=None``: no scale).
+    ``std = mean_parameter_scales[scale_of] * multiplier`` (``scale_of=None``: no scale);
+    with ``random=False`` every entry is set to ``std`` instead.
     """
 
     attribute: str
@@ -58,6 +59,7 @@ class Slot:
     lr_scaling: float
     multiplier: float
     scale_of: str | None
+    random: bool = True
 
     @property
     def path(self) -> str:
@@ -228,16 +230,23 @@ class StructuredCovariance:
         scales = self._scales(mean_parameter_scales)
         reference = self._reference_array()
         xp = namespace(reference)
-        draws = standard_normals(
-            generator,
-            [slot.shape for slot in slots],
-            xp=xp,
-            dtype=reference.dtype,
-            device=device_of(reference),
+        dtype, device = reference.dtype, device_of(reference)
+        random_slots = [slot for slot in slots if slot.random]
+        draws = dict(
+            zip(
+                [slot.path for slot in random_slots],
+                standard_normals(
+                    generator, [s.shape for s in random_slots], xp=xp, dtype=dtype, device=device
+                ),
+                strict=True,
+            )
         )
-        for slot, z in zip(slots, draws, strict=True):
+        for slot in slots:
             std = slot.multiplier * (1.0 if slot.scale_of is None else scales[slot.scale_of])
-            self._set(slot, z * std)
+            if slot.random:
+                self._set(slot, draws[slot.path] * std)
+            else:
+                self._set(slot, xp.full(slot.shape, std, dtype=dtype, device=device))
 
     def _scales(self, mean_parameter_scales: Mapping[str, float] | float) -> dict[str, float]:
         names = self.layout.names

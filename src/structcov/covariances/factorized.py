@@ -12,6 +12,11 @@ from ._base import Slot, StructuredCovariance, check_rank, total
 __all__ = ["FactorizedCovariance", "LowRankCovariance"]
 
 
+def _row_norms(xp: Any, factor: Array) -> Array:
+    """Squared row norms of a 2-D ``factor``; ``vecdot`` avoids a temporary copy of it."""
+    return xp.vecdot(factor, factor, axis=-1)
+
+
 class FactorizedCovariance(StructuredCovariance):
     r"""Covariance Sigma = S S^T with a dense factor S of shape (P, rank).
 
@@ -100,7 +105,7 @@ class FactorizedCovariance(StructuredCovariance):
 
     def _diagonal_blocks(self, xp: Any) -> list[Array]:
         return [
-            xp.sum(self._factor_2d(xp, name, size) ** 2, axis=1)
+            _row_norms(xp, self._factor_2d(xp, name, size))
             for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
         ]
 

@@ -8,7 +8,7 @@ from typing import Any
 from .. import _linalg
 from .._array_api import Array, Layout, namespace
 from ._base import Slot, check_rank
-from .factorized import FactorizedCovariance
+from .factorized import FactorizedCovariance, _row_norms
 
 __all__ = ["KroneckerCovariance"]
 
@@ -218,15 +218,15 @@ class KroneckerCovariance(FactorizedCovariance):
             v = v * self.sample_scale
         return xp.reshape(v, (v.shape[0], self.num_factor_columns))
 
-    def _row_norms(self, xp: Any) -> tuple[Array, Array, Array | None]:
+    def _diagonal_factors(self, xp: Any) -> tuple[Array, Array, Array | None]:
         """diag(C_out) * sample_scale^2, diag(C_in) weight rows, and the bias row's entry."""
-        out = xp.sum(self.output_factor**2, axis=1) * (self.sample_scale**2)
-        weight = xp.sum(self._input_weight(xp) ** 2, axis=1)
+        out = _row_norms(xp, self.output_factor) * (self.sample_scale**2)
+        weight = _row_norms(xp, self._input_weight(xp))
         bias = xp.sum(self.input_factor["bias"] ** 2) if self._has_bias else None
         return out, weight, bias
 
     def _diagonal_blocks(self, xp: Any) -> list[Array]:
-        out, weight, bias = self._row_norms(xp)
+        out, weight, bias = self._diagonal_factors(xp)
         blocks = {
             "weight": xp.reshape(
                 xp.expand_dims(out, axis=1) * xp.expand_dims(weight, axis=0), (-1,)
@@ -238,7 +238,7 @@ class KroneckerCovariance(FactorizedCovariance):
     def trace(self) -> Array:
         """tr Sigma = tr(C_out) tr(C_in) (mixed-product rule), a 0-D array. O(factor sizes)."""
         xp = namespace(self._reference_array())
-        out, weight, bias = self._row_norms(xp)
+        out, weight, bias = self._diagonal_factors(xp)
         trace_in = xp.sum(weight) if bias is None else xp.sum(weight) + bias
         return xp.sum(out) * trace_in
 

@@ -9,7 +9,7 @@ from .. import _linalg
 from .._array_api import Array, Layout, device_of
 from .._array_api import namespace as namespace_of
 from ._base import Slot, check_rank, total
-from .factorized import FactorizedCovariance
+from .factorized import FactorizedCovariance, _row_norms
 
 __all__ = ["LowRankPlusDiagonalCovariance"]
 
@@ -31,7 +31,8 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     - ``matmul`` = U (U^T x) + d^2 x, ``diagonal`` = rowsum(U^2) + d^2, O(B P r), O(P r).
 
     ``rank`` (required) is clamped to P. ``reset_parameters`` draws U with std
-    ``scale / sqrt(rank)`` and d with std ``scale``; ``lr_scaling`` is
+    ``scale / sqrt(rank)`` and sets every d_i to ``scale`` (not drawn: a d_i near
+    zero would make Sigma nearly singular); ``lr_scaling`` is
     ``{"factor.<name>": 1 / rank, "scale.<name>": 1.0}``.
     """
 
@@ -58,7 +59,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
             for name, shape in zip(layout.names, layout.shapes, strict=True)
         )
         scales = tuple(
-            Slot("scale", name, shape, 1.0, 1.0, name)
+            Slot("scale", name, shape, 1.0, 1.0, name, random=False)
             for name, shape in zip(layout.names, layout.shapes, strict=True)
         )
         return factors + scales
@@ -110,7 +111,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     def _diagonal_blocks(self, xp: Any) -> list[Array]:
         layout = self.layout
         return [
-            xp.sum(self._factor_2d(xp, name, size) ** 2, axis=1) + self._d(xp, name, size) ** 2
+            _row_norms(xp, self._factor_2d(xp, name, size)) + self._d(xp, name, size) ** 2
             for name, size in zip(layout.names, layout.sizes, strict=True)
         ]
 
@@ -156,6 +157,6 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
             v = variances[offset : offset + size]
             ratio = self._d(xp, name, size) ** 2 / v
-            low = xp.sum(self._factor_2d(xp, name, size) ** 2, axis=1) / v
+            low = _row_norms(xp, self._factor_2d(xp, name, size)) / v
             parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + low))
         return 0.5 * (total(parts) - _linalg.logabsdet(xp, self.capacitance()))
