@@ -27,6 +27,7 @@ BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 STRUCTURES: dict[str, Callable[[], sc.FactorizedCovariance]] = {
     "Diagonal": sc.DiagonalCovariance,
     "LowRank(2)": lambda: sc.LowRankCovariance(2),
+    "LowRank+Diag(2)": lambda: sc.LowRankPlusDiagonalCovariance(2),
     "Factorized(full)": sc.FactorizedCovariance,
     "Kronecker(full)": sc.KroneckerCovariance,
     "Kronecker(2, 2)": lambda: sc.KroneckerCovariance(input_rank=2, output_rank=2),
@@ -36,6 +37,11 @@ LAYERS = {
     "dense 4x3+b": {"weight": (4, 3), "bias": (4,)},
     "conv 2x2x2x2+b": {"weight": (2, 2, 2, 2), "bias": (2,)},
 }
+
+HEADER = [
+    "structure", "layer", "P", "K", "storage/dense", "max gap", "max s.e.",
+    "logdet", "KL to N(0,I)", "sample ms", "logdet ms", "KL ms",
+]  # fmt: skip
 
 
 def _namespace(backend: str) -> Any:
@@ -54,68 +60,129 @@ def _namespace(backend: str) -> Any:
     return importlib.import_module(f"array_api_compat.{backend}")
 
 
+def _median_ms(repeats: int, operation: Callable[[], Any], xp: Any) -> tuple[Any, float]:
+    """Run ``operation`` ``repeats`` times; return its last result and the median time in ms."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = operation()
+        leaf = next(iter(result.values())) if isinstance(result, dict) else result
+        float(xp.sum(leaf))  # wait for lazy or asynchronous backends
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times) * 1e3
+
+
+def _build(
+    make: Callable[[], sc.FactorizedCovariance],
+    means_np: dict[str, Any],
+    xp: Any,
+    dtype: Any,
+    seed: int,
+    np: Any,
+) -> sc.GaussianParameter:
+    """A GaussianParameter on ``xp`` whose covariance values come from NumPy (same everywhere)."""
+    reference = sc.GaussianParameter(means_np, make())
+    reference.cov.reset_parameters(0.5, generator=np.random.default_rng(seed))
+    param = sc.GaussianParameter(
+        {n: xp.asarray(v, dtype=dtype) for n, v in means_np.items()}, make()
+    )
+    param.cov.load_storage(
+        {path: xp.asarray(value, dtype=dtype) for path, value in reference.cov.storage().items()}
+    )
+    return param
+
+
 def _run_backend(backend: str, xp: Any, args: argparse.Namespace, np: Any) -> list[list[str]]:
     rng = np.random.default_rng(args.seed)
-    dtype = getattr(xp, args.dtype)
     rows = []
     for layer, shapes in LAYERS.items():
         means_np = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
         for structure, make in STRUCTURES.items():
-            cov = make()
-            param = sc.GaussianParameter(
-                {name: xp.asarray(value, dtype=dtype) for name, value in means_np.items()}, cov
-            )
-            # Covariance parameters and noise from NumPy: identical on every backend.
-            reference = make()
-            sc.GaussianParameter(means_np, reference)
-            reference.reset_parameters(0.5, generator=np.random.default_rng(args.seed + 1))
-            cov.load_storage(
-                {
-                    path: xp.asarray(value, dtype=dtype)
-                    for path, value in reference.storage().items()
-                }
-            )
-            z = xp.asarray(
-                np.random.default_rng(args.seed + 2).standard_normal(
-                    (args.samples, cov.num_factor_columns)
-                ),
-                dtype=dtype,
-            )
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                samples = cov.factor_matmul(z, additive_constant=param.mean)
-                float(xp.sum(samples[param.names[0]]))  # wait for lazy/async backends
-                times.append(time.perf_counter() - start)
-            flat = xp.concat(
-                [xp.reshape(samples[name], (args.samples, -1)) for name in param.names], axis=1
-            )
-            centred = flat - xp.mean(flat, axis=0)
-            empirical = xp.matmul(xp.matrix_transpose(centred), centred) / (args.samples - 1)
-            exact = cov.to_dense()
-            gap = float(xp.max(xp.abs(empirical - exact)))
-            # Standard error of a sample covariance entry: sqrt((S_ii S_jj + S_ij^2) / N).
-            diag = xp.linalg.diagonal(exact)
-            se = xp.sqrt((diag[:, None] * diag[None, :] + exact**2) / args.samples)
-            expected = float(xp.max(se))
-            storage = sum(math.prod(value.shape) for value in cov.storage().values())
-            rows.append(
-                [
-                    structure,
-                    layer,
-                    str(cov.num_params),
-                    str(cov.num_factor_columns),
-                    f"{storage} / {cov.num_params**2}",
-                    f"{gap:.4f}",
-                    f"{expected:.4f}",
-                    f"{statistics.median(times) * 1e3:.2f}",
-                ]
-            )
+            print(f"  {layer}: {structure} ...", file=sys.stderr, flush=True)
+            param = _build(make, means_np, xp, getattr(xp, args.dtype), args.seed + 1, np)
+            rows.append([structure, layer, *_measure(param, xp, args, np)])
     return rows
 
 
+def _measure(param: sc.GaussianParameter, xp: Any, args: argparse.Namespace, np: Any) -> list[str]:
+    """The table cells after the structure and layer names, for one parameter."""
+    cov = param.cov
+    z = xp.asarray(
+        np.random.default_rng(args.seed + 2).standard_normal(
+            (args.samples, cov.num_factor_columns)
+        ),
+        dtype=getattr(xp, args.dtype),
+    )
+    samples, sample_ms = _median_ms(
+        args.repeats, lambda: cov.factor_matmul(z, additive_constant=param.mean), xp
+    )
+    prior = sc.normal_prior(param, 1.0)
+    logdet, logdet_ms = _median_ms(args.repeats, cov.logdet, xp)
+    kl, kl_ms = _median_ms(args.repeats, lambda: sc.kl_divergence(param, prior), xp)
+    flat = cov.flatten(samples)
+    centred = flat - xp.mean(flat, axis=0)
+    empirical = xp.matmul(xp.matrix_transpose(centred), centred) / (args.samples - 1)
+    exact = cov.to_dense()
+    gap = float(xp.max(xp.abs(empirical - exact)))
+    # Standard error of a sample covariance entry: sqrt((S_ii S_jj + S_ij^2) / N).
+    variances = cov.diagonal()
+    outer = xp.expand_dims(variances, axis=1) * xp.expand_dims(variances, axis=0)
+    se = float(xp.max(xp.sqrt((outer + exact**2) / args.samples)))
+    storage = sum(math.prod(value.shape) for value in cov.storage().values())
+    return [
+        str(cov.num_params),
+        str(cov.num_factor_columns),
+        f"{storage}/{cov.num_params**2}",
+        f"{gap:.4f}",
+        f"{se:.4f}",
+        f"{float(logdet):.3f}",
+        f"{float(kl):.3f}",
+        f"{sample_ms:.2f}",
+        f"{logdet_ms:.2f}",
+        f"{kl_ms:.2f}",
+    ]
+
+
+def _plot(path: str, args: argparse.Namespace, np: Any) -> None:
+    """Heatmaps of each structure's covariance (dense layer) and a scatter of two coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer, shapes = next(iter(LAYERS.items()))
+    means_np = {n: np.random.default_rng(args.seed).standard_normal(s) for n, s in shapes.items()}
+    columns = math.ceil((len(STRUCTURES) + 1) / 2)
+    fig, grid = plt.subplots(2, columns, figsize=(3.3 * columns, 7.0))
+    axes = list(grid.flat)
+    for ax in axes[len(STRUCTURES) + 1 :]:
+        ax.set_axis_off()
+    for ax, (structure, make) in zip(axes, STRUCTURES.items(), strict=False):
+        cov = _build(make, means_np, np, np.float64, args.seed + 1, np).cov
+        dense = cov.to_dense()
+        limit = float(np.abs(dense).max())
+        ax.imshow(dense, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"{structure}\nK = {cov.num_factor_columns}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    full = _build(sc.FactorizedCovariance, means_np, np, np.float64, args.seed + 1, np)
+    dense = full.cov.to_dense()
+    sd = np.sqrt(np.diag(dense))
+    correlation = dense / np.outer(sd, sd) - np.eye(len(sd))
+    i, j = np.unravel_index(np.argmax(np.abs(correlation)), correlation.shape)
+    samples = full.cov.flatten(full.sample((2000,), generator=np.random.default_rng(args.seed)))
+    scatter = axes[len(STRUCTURES)]
+    scatter.scatter(samples[:, i], samples[:, j], s=2, alpha=0.3)
+    scatter.set_title(f"Factorized(full) samples\nx[{i}] vs x[{j}], corr = {correlation[i, j]:.2f}")
+    scatter.set_aspect("equal", adjustable="datalim")
+    fig.suptitle(f"Covariance of each structure over the {layer} layer (P = {len(sd)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _print_table(rows: list[list[str]]) -> None:
-    header = ["structure", "layer", "P", "K", "storage / dense", "max gap", "max s.e.", "sample ms"]
+    header = HEADER
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     print(line)
@@ -146,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="float64", choices=["float32", "float64"], help="default: float64"
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats of each sample call (default: 5)"
+        "--repeats", type=int, default=5, help="timed repeats of each operation (default: 5)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also write a PNG: each structure's covariance as a heatmap and a scatter of two "
+        "correlated coordinates (needs matplotlib: pip install 'structcov[plot]')",
     )
     args = parser.parse_args(argv)
     if args.samples < 2:
@@ -163,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         f"structcov {sc.__version__}: {args.samples} samples per structure, {args.dtype}, seed "
         f"{args.seed}.\nThe noise is drawn once with NumPy, so every backend prints the same "
         "numbers (up to rounding).\n'max gap' = max |empirical - exact covariance|; 'max s.e.' = "
-        "largest standard error of an empirical entry (gaps of a few s.e. are expected)."
+        "largest standard error of an empirical entry (gaps of a few s.e. are expected).\n"
+        "LowRank(2) and Kronecker(2, 2) are singular: logdet = -inf, KL to the prior = inf."
     )
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     ran = 0
@@ -176,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{backend}]", flush=True)
         _print_table(_run_backend(backend, xp, args, np))
         ran += 1
+    if args.plot:
+        try:
+            _plot(args.plot, args, np)
+        except ImportError as error:
+            print(f"--plot needs matplotlib (pip install 'structcov[plot]'): {error}")
+            return 1
+        print(f"\nwrote {args.plot}")
     return 0 if ran else 1
 
 
