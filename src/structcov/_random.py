@@ -110,7 +110,7 @@ def standard_normals(
 def standard_normal(
     generator: Any, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: Any
 ) -> Array:
-    """Draw one standard normal array of ``shape`` (see :func:`standard_normals`)."""
+    """Draw one standard normal array of ``shape`` (see `standard_normals`)."""
     return standard_normals(generator, [shape], xp=xp, dtype=dtype, device=device)[0]
 
 

@@ -38,7 +38,7 @@ class BNNParameter:
     Holds the means: ``param.mean`` is the insertion-ordered mapping name ->
     array (``None`` entries are kept there but take no part), ``param[name]``
     one mean array. A bare array ``mean`` means ``{"mean": array}``.
-    Subclasses define the distribution and :meth:`sample`.
+    Subclasses define the distribution and `sample`.
     """
 
     def __init__(self, mean: Array | Mapping[str, Array | None]) -> None:
@@ -92,7 +92,7 @@ class GaussianParameter(BNNParameter):
     mean
         A mapping name -> array (or ``None``), or a bare array.
     cov
-        A covariance structure, e.g. :class:`structcov.DiagonalCovariance`.
+        A covariance structure, e.g. [`DiagonalCovariance`][structcov.DiagonalCovariance].
     """
 
     def __init__(self, mean: Array | Mapping[str, Array | None], cov: FactorizedCovariance) -> None:
@@ -108,6 +108,9 @@ class GaussianParameter(BNNParameter):
     def sample(self, sample_shape: Any = (), generator: Any = None) -> dict[str, Array]:
         """Draw ``mean + S z`` with z ~ N(0, I_K).
 
+        Cost: drawing ``prod(sample_shape) * K`` normals plus one
+        ``factor_matmul``; no copy of the factor.
+
         Parameters
         ----------
         sample_shape
@@ -122,9 +125,6 @@ class GaussianParameter(BNNParameter):
         -------
         dict
             name -> array of shape ``(*sample_shape, *mean[name].shape)``.
-
-        Cost: drawing ``prod(sample_shape) * K`` normals plus one
-        ``factor_matmul``; no copy of the factor.
         """
         shape = _sample_shape(sample_shape)
         means: dict[str, Array] = {name: self.mean[name] for name in self.names}
@@ -174,7 +174,7 @@ def normal_prior(like: GaussianParameter, scale: Any = 1.0) -> GaussianParameter
     Parameters
     ----------
     like
-        A :class:`GaussianParameter` whose names, shapes, namespace, dtype and
+        A `GaussianParameter` whose names, shapes, namespace, dtype and
         device the prior takes.
     scale
         The prior standard deviation: a float (isotropic), or a mapping name ->
@@ -183,7 +183,7 @@ def normal_prior(like: GaussianParameter, scale: Any = 1.0) -> GaussianParameter
     Returns
     -------
     GaussianParameter
-        Zero mean and a :class:`DiagonalCovariance` with ``scale[name]`` filled,
+        Zero mean and a `DiagonalCovariance` with ``scale[name]`` filled,
         so ``kl_divergence(q, normal_prior(q, sigma))`` takes the structured path.
     """
     reference = like._reference
@@ -218,7 +218,7 @@ def kl_divergence(q: GaussianParameter, p: GaussianParameter) -> Array:
               + log det Sigma_p - log det Sigma_q].
 
     Exact for every pair of structures. Structured (nothing of size P x P) when
-    ``p`` is diagonal — e.g. :func:`normal_prior` — (trace term = sum of
+    ``p`` is diagonal — e.g. `normal_prior` — (trace term = sum of
     diag(Sigma_q) / diag(Sigma_p), O(P K_q)) and for Kronecker-Kronecker pairs
     (tr = tr(C_out^p^-1 C_out^q) tr(C_in^p^-1 C_in^q), mixed-product rule). Other
     pairs use tr(Sigma_p^-1 S_q S_q^T) = sum_k s_k^T Sigma_p^-1 s_k over the K_q

@@ -1,7 +1,7 @@
 """Machinery shared by every covariance structure.
 
 Every structure is Sigma = S S^T with S of shape (P, K). A structure declares
-its storage as a tuple of :class:`Slot` s (what array lives where, its shape,
+its storage as a tuple of `Slot` s (what array lives where, its shape,
 learning-rate scaling and initial standard deviation) and implements
 ``_blocks(xp, z)`` (the per-name products ``S_name z``), ``_rblocks(xp, x)``
 (``S^T x``), ``_diagonal_blocks``, ``_logdet`` and ``_solve_blocks``. Everything
@@ -69,7 +69,7 @@ class Slot:
 class StructuredCovariance:
     """Common base: storage, validation and the ``factor_matmul`` driver.
 
-    Not public; the public base is :class:`structcov.FactorizedCovariance`.
+    Not public; the public base is [`FactorizedCovariance`][structcov.FactorizedCovariance].
     """
 
     #: storage attributes holding ``{name: array}`` dicts
@@ -171,7 +171,7 @@ class StructuredCovariance:
     def storage(self) -> dict[str, Array]:
         """The stored arrays by path (``"factor.weight"``, ``"output_factor"``), in a fixed order.
 
-        The paths are those of :attr:`lr_scaling`. The arrays are the stored ones,
+        The paths are those of `lr_scaling`. The arrays are the stored ones,
         not copies.
         """
         return {slot.path: self._get(slot) for slot in self._slots_checked()}
@@ -202,8 +202,8 @@ class StructuredCovariance:
 
         ``mean_parameters`` is a mapping name -> array (``None`` entries take no
         part) or a bare array (``{"mean": array}``). Storage takes the means'
-        namespace, dtype and device. Call :meth:`reset_parameters` to draw
-        initial values; :class:`structcov.GaussianParameter` calls this for you.
+        namespace, dtype and device. Call `reset_parameters` to draw
+        initial values; [`GaussianParameter`][structcov.GaussianParameter] calls this for you.
         """
         layout, xp, dtype, device = describe_means(mean_parameters)
         self._setup(layout)
@@ -223,7 +223,7 @@ class StructuredCovariance:
         ``mean_parameter_scales`` is one float for every mean, or a mapping mean
         name -> float. The structure-specific std is documented on each class
         (e.g. ``scale / sqrt(rank)`` for factors). ``generator`` is the backend
-        generator (see :mod:`structcov._random`); the same state gives the same
+        generator (see `structcov._random`); the same state gives the same
         parameters.
         """
         slots = self._slots_checked()
@@ -278,7 +278,7 @@ class StructuredCovariance:
         Parameters
         ----------
         input
-            Shape ``(*batch, K)`` with K = :attr:`num_factor_columns`, same
+            Shape ``(*batch, K)`` with K = `num_factor_columns`, same
             namespace and dtype as the covariance parameters.
         additive_constant
             ``None``, a flat array of shape ``(P,)`` in the flat parameter order,
@@ -451,7 +451,7 @@ class StructuredCovariance:
         return total(xp.sum(block) for block in self._diagonal_blocks(xp))
 
     def logdet(self) -> Array:
-        """log det Sigma, a 0-D array; ``-inf`` for a singular structure (see :attr:`is_singular`).
+        """log det Sigma, a 0-D array; ``-inf`` for a singular structure (see `is_singular`).
 
         The identity used is on each class (2 log|det S|, the matrix determinant
         lemma, the Kronecker mixed-product rule). Never forms S S^T.

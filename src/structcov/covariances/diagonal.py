@@ -17,6 +17,8 @@ class DiagonalCovariance(FactorizedCovariance):
     Stored: ``scale[name]`` of shape ``mean.shape``, the per-element standard
     deviations (their sign does not matter). ``rank`` is P.
 
+    Notes
+    -----
     Costs (B vectors): ``factor_matmul``, ``matmul`` and ``solve`` one
     elementwise pass, O(B P); ``diagonal``, ``trace``, ``logdet`` = 2 sum log|s|,
     O(P). Full rank unless an entry of ``scale`` is zero (then ``logdet`` is
@@ -50,6 +52,7 @@ class DiagonalCovariance(FactorizedCovariance):
 
     @property
     def is_singular(self) -> bool:
+        """Never by construction (a zero entry of ``scale`` is not detected)."""
         return False
 
     def _scale_1d(self, xp: Any, name: str, size: int) -> Array:

@@ -30,6 +30,8 @@ class FactorizedCovariance(StructuredCovariance):
         Number of columns of S. ``None`` means P (full rank); a rank above P is
         clamped to P; below 1 is a ``ValueError``.
 
+    Notes
+    -----
     Costs (B vectors): ``factor_matmul`` one (B, K) x (K, n) GEMM per name,
     O(B P K) time, no copy of S; ``matmul`` = S (S^T x), O(B P K);
     ``diagonal``/``trace`` row sums of squares, O(P K); ``to_dense`` O(P^2 K).
@@ -62,6 +64,7 @@ class FactorizedCovariance(StructuredCovariance):
 
     @property
     def num_factor_columns(self) -> int:
+        """K = rank, the columns of S."""
         return self._initialized_rank
 
     @property
@@ -91,6 +94,7 @@ class FactorizedCovariance(StructuredCovariance):
 
     @property
     def is_singular(self) -> bool:
+        """True when rank < P (S has fewer columns than rows)."""
         return self.num_factor_columns < self.num_params
 
     def _factor_2d(self, xp: Any, name: str, size: int) -> Array:
@@ -135,11 +139,11 @@ class FactorizedCovariance(StructuredCovariance):
 class LowRankCovariance(FactorizedCovariance):
     """Low-rank covariance Sigma = S S^T, S of shape (P, rank), ``rank`` required.
 
-    Same storage, costs and initialization as :class:`FactorizedCovariance`. With
+    Same storage, costs and initialization as `FactorizedCovariance`. With
     rank < P the covariance is singular (it only spans rank directions): its
     ``logdet`` is ``-inf``, ``solve`` raises, and the KL divergence to any
     full-rank Gaussian is ``+inf``. For variational inference with a low-rank
-    correction use :class:`structcov.LowRankPlusDiagonalCovariance`.
+    correction use [`LowRankPlusDiagonalCovariance`][structcov.LowRankPlusDiagonalCovariance].
     """
 
     def __init__(self, rank: int) -> None:

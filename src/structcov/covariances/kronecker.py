@@ -38,6 +38,8 @@ class KroneckerCovariance(FactorizedCovariance):
         Columns of S_in and S_out; ``None`` means full (d_in + has_bias, d_out);
         larger values are clamped.
 
+    Notes
+    -----
     Costs (B vectors): ``factor_matmul`` two batched GEMMs,
     O(B (d_out r_out r_in + d_out r_in d_in)) in the cheaper association order;
     ``matmul`` = S (S^T x), the same order of cost. No Kronecker product is ever
@@ -183,6 +185,7 @@ class KroneckerCovariance(FactorizedCovariance):
     # ------------------------------------------------------------ algebra
     @property
     def is_singular(self) -> bool:
+        """True when a factor is low rank (input_rank < d_in + has_bias or output_rank < d_out)."""
         self.layout  # noqa: B018 -- raises the "not initialized" error
         d_aug = self._d_in + int(self._has_bias)
         assert self._input_rank is not None and self._output_rank is not None

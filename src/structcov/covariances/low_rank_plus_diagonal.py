@@ -66,6 +66,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
 
     @property
     def is_singular(self) -> bool:
+        """Never by construction (full rank whenever every d_i != 0; values are not checked)."""
         return False
 
     def _d(self, xp: Any, name: str, size: int) -> Array:
