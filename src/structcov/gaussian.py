@@ -105,6 +105,17 @@ class GaussianParameter(BNNParameter):
         self.cov = cov
         cov.initialize_parameters(self.mean)
 
+    @classmethod
+    def _rebuild(
+        cls, mean: Mapping[str, Array | None], cov: FactorizedCovariance
+    ) -> GaussianParameter:
+        """A GaussianParameter over an initialized ``cov``, without validation (adapters)."""
+        rebuilt = cls.__new__(cls)
+        rebuilt.mean = dict(mean)
+        rebuilt._layout = cov.layout
+        rebuilt.cov = cov
+        return rebuilt
+
     def sample(self, sample_shape: Any = (), generator: Any = None) -> dict[str, Array]:
         """Draw ``mean + S z`` with z ~ N(0, I_K).
 

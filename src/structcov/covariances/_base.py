@@ -168,6 +168,33 @@ class StructuredCovariance:
         """A stored array whose namespace, dtype and device the outputs take."""
         return self._get(self._slots_checked()[0])
 
+    def _static_state(self) -> tuple[tuple[str, Any], ...]:
+        """Everything but the stored arrays, as a sorted hashable tuple.
+
+        For adapters: JAX pytree aux data, serialisation. Equal structures with
+        equal ranks and layouts give equal tuples.
+        """
+        stored = set(self._dict_attributes) | set(self._array_attributes)
+        return tuple(sorted((k, v) for k, v in vars(self).items() if k not in stored))
+
+    @classmethod
+    def _rebuild(cls, static: tuple[tuple[str, Any], ...], arrays: Mapping[str, Any]) -> Any:
+        """A covariance with ``static`` state and ``arrays`` (path -> array), not validated.
+
+        The inverse of ``(_static_state(), storage())``. Leaves may be anything
+        (JAX passes tracers or placeholders when it rebuilds a pytree).
+        """
+        rebuilt = cls.__new__(cls)
+        for key, value in static:
+            setattr(rebuilt, key, value)
+        for attribute in cls._dict_attributes:
+            setattr(rebuilt, attribute, {})
+        for attribute in cls._array_attributes:
+            setattr(rebuilt, attribute, None)
+        for slot in rebuilt._slots():
+            rebuilt._set(slot, arrays[slot.path])
+        return rebuilt
+
     def storage(self) -> dict[str, Array]:
         """The stored arrays by path (``"factor.weight"``, ``"output_factor"``), in a fixed order.
 
