@@ -13,8 +13,12 @@ __all__ = ["FactorizedCovariance", "LowRankCovariance"]
 
 
 def _row_norms(xp: Any, factor: Array) -> Array:
-    """Squared row norms of a 2-D ``factor``; ``vecdot`` avoids a temporary copy of it."""
-    return xp.vecdot(factor, factor, axis=-1)
+    """Squared row norms of a 2-D ``factor``, shape (rows,).
+
+    Not ``xp.vecdot``: array-api-compat's torch version moves axes, which has no
+    ``vmap`` batching rule.
+    """
+    return xp.sum(factor * factor, axis=-1)
 
 
 class FactorizedCovariance(StructuredCovariance):
