@@ -128,11 +128,12 @@ def _numpy_normals(
     import numpy as np
 
     if native and generator is not None:
-        return [generator.standard_normal(s, dtype=dtype) for s in shapes]
+        # np.asarray: a shape () draw is a NumPy scalar, not a 0-D array.
+        return [np.asarray(generator.standard_normal(s, dtype=dtype)) for s in shapes]
     # None: NumPy's global state, so that numpy.random.seed() governs it.
     draw = np.random.standard_normal if generator is None else generator.standard_normal
     if native:
-        return [draw(s).astype(dtype, copy=False) for s in shapes]
+        return [np.asarray(draw(s), dtype=dtype) for s in shapes]
     return [xp.asarray(draw(s), dtype=dtype, device=device) for s in shapes]
 
 
