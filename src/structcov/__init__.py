@@ -12,6 +12,7 @@ from .covariances import (
     LowRankPlusDiagonalCovariance,
 )
 from .gaussian import BNNParameter, GaussianParameter, kl_divergence, normal_prior
+from .projection import from_dense
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "LowRankCovariance",
     "LowRankPlusDiagonalCovariance",
     "__version__",
+    "from_dense",
     "kl_divergence",
     "normal_prior",
 ]
