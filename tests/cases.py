@@ -34,6 +34,7 @@ STRUCTURES: dict[str, tuple[Callable[[], sc.FactorizedCovariance], bool]] = {
     "diagonal": (lambda: sc.DiagonalCovariance(), False),
     "lowrank-2": (lambda: sc.LowRankCovariance(2), False),
     "lowrank-clamped": (lambda: sc.LowRankCovariance(1000), False),
+    "lowrank+diag-2": (lambda: sc.LowRankPlusDiagonalCovariance(2), False),
     "kronecker-full": (lambda: sc.KroneckerCovariance(), True),
     "kronecker-2x1": (lambda: sc.KroneckerCovariance(input_rank=2, output_rank=1), True),
 }

@@ -8,6 +8,8 @@ its meaning explicitly.
 - Factorized / low-rank: row p of S is ``factor[name][idx, :]`` where ``(name, idx)`` is
   flat index p (names in insertion order, ``idx`` in row-major order of the mean).
 - Diagonal: S = diag(s) with s[p] = ``scale[name][idx]``; Sigma = diag(s^2).
+- Low rank plus diagonal: S = [U, diag(d)] (U read as for factorized, d as for
+  diagonal); Sigma = U U^T + diag(d^2).
 - Kronecker: flat index p of ``weight[o, *j]`` sits at (o, i) of the augmented matrix
   W~ = [W.reshape(d_out, d_in) | b] with i the row-major rank of ``j`` in ``in_shape``;
   ``bias[o]`` sits at (o, d_in). Then
@@ -160,9 +162,7 @@ def kronecker_positions(layout: FlatLayout) -> tuple[np.ndarray, np.ndarray, int
     return np.array(o_idx), np.array(i_idx), d_out, d_in
 
 
-def kronecker_factors(
-    cov: Any, layout: FlatLayout, to_numpy: Any
-) -> tuple[np.ndarray, np.ndarray]:
+def kronecker_factors(cov: Any, layout: FlatLayout, to_numpy: Any) -> tuple[np.ndarray, np.ndarray]:
     """(S_out, S_in) as float64: S_in has d_in (+1 bias) rows, weight rows row-major."""
     weight_shape = layout.shapes[layout.names.index("weight")]
     in_shape = weight_shape[1:]
@@ -200,13 +200,19 @@ def dense_oracle(cov: Any, mean: Any, to_numpy: Any) -> Dense:
     the covariance was initialized with (arrays or shapes).
     """
     layout = flat_layout(mean)
-    if isinstance(cov, sc.KroneckerCovariance):
+    # Exact types: a new subclass (with storage of its own) needs its own oracle.
+    kind = type(cov)
+    if kind is sc.KroneckerCovariance:
         S, Sigma = _kronecker(cov, layout, to_numpy)
         return Dense(layout, S, Sigma)
-    if isinstance(cov, sc.DiagonalCovariance):
+    if kind is sc.DiagonalCovariance:
         S = _diagonal(cov, layout, to_numpy)
-    elif isinstance(cov, sc.FactorizedCovariance):
+        return Dense(layout, S, np.diag(np.diag(S) ** 2))
+    if kind in (sc.FactorizedCovariance, sc.LowRankCovariance):
         S = _factorized(cov, layout, to_numpy)
-    else:
-        raise TypeError(f"no oracle for {type(cov).__name__}")
-    return Dense(layout, S, S @ S.T)
+        return Dense(layout, S, S @ S.T)
+    if kind is sc.LowRankPlusDiagonalCovariance:
+        # S = [U, diag(d)]: the low-rank columns first; Sigma = U U^T + diag(d^2).
+        U, D = _factorized(cov, layout, to_numpy), _diagonal(cov, layout, to_numpy)
+        return Dense(layout, np.concatenate([U, D], axis=1), U @ U.T + np.diag(np.diag(D) ** 2))
+    raise TypeError(f"no oracle for {kind.__name__}")
