@@ -35,14 +35,14 @@ _NATIVE = ("torch", "jax", "cupy")
 
 
 def _generator_kind(generator: Any) -> str:
-    module = type(generator).__module__
+    module, name = type(generator).__module__, type(generator).__name__
     if generator is None:
         return "none"
-    if module.startswith("numpy.random"):
+    if module.startswith("numpy.random") and name == "Generator":
         return "numpy"
-    if module.startswith("torch") and type(generator).__name__ == "Generator":
+    if module.startswith("torch") and name == "Generator":
         return "torch"
-    if module.startswith("cupy.random"):
+    if module.startswith("cupy.random") and name == "Generator":
         return "cupy"
     if module.startswith(("jax", "jaxlib")):
         return "jax"
