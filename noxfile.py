@@ -21,11 +21,11 @@ BACKENDS = {
     "numpy": [],
     "array_api_strict": [],
     "torch": ["torch"],
-    "jax": ["jax"],
+    "jax": ["jax-extras"],
     "cupy": ["cupy"],
 }
 
-nox.options.sessions = [f"tests-{name}" for name in BACKENDS] + ["lint"]
+nox.options.sessions = [f"tests-{name}" for name in BACKENDS] + ["lint", "docs"]
 
 
 def _has_cuda_device() -> bool:
@@ -49,9 +49,10 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict on src/."""
-    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.10")
-    session.run("ruff", "check", "src", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    # The adapters are type-checked against the real torch and jax.
+    session.install("-e", ".[test,torch,jax-extras]", "ruff>=0.6", "mypy>=1.10")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
     session.run("mypy")
 
 
@@ -60,3 +61,17 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site with mkdocs --strict (output in site/)."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite on numpy, torch and jax.jit (results in benchmarks/results/)."""
+    session.install("-e", ".[bench,torch,jax]")
+    session.run(
+        "python",
+        "benchmarks/suite.py",
+        "--out",
+        "benchmarks/results",
+        *session.posargs,
+        env={"JAX_ENABLE_X64": "0"},
+    )

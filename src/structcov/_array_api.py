@@ -20,6 +20,7 @@ __all__ = [
     "backend_name",
     "describe_means",
     "device_of",
+    "is_array_api_obj",
     "namespace",
     "normalize_mean",
 ]
@@ -50,6 +51,11 @@ def namespace(*arrays: Array, argument: str = "the arrays") -> Any:
         raise TypeError(
             f"{argument} must be arrays of one array-API library, got {', '.join(kinds)} ({error})"
         ) from None
+
+
+def is_array_api_obj(x: Any) -> bool:
+    """Whether ``x`` is an array of a library array-api-compat knows."""
+    return bool(array_api_compat.is_array_api_obj(x))
 
 
 def device_of(x: Array) -> Any:

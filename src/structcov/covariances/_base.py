@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._array_api import Array, Layout, describe_means, device_of, namespace
+from .._array_api import Array, Layout, describe_means, device_of, is_array_api_obj, namespace
 from .._random import standard_normals
 
 __all__ = ["Slot", "StructuredCovariance", "check_rank", "total"]
@@ -331,7 +331,7 @@ class StructuredCovariance:
                 f"`input` must have the covariance parameters' dtype {reference.dtype}, got "
                 f"{input.dtype}"
             )
-        constants = self._split_constant(xp, additive_constant, reference.dtype)
+        constants = self._split_constant(xp, additive_constant, input)
         batch = tuple(input.shape[:-1])
         z = input if input.ndim == 2 else xp.reshape(input, (math.prod(batch), num_columns))
         out = {}
@@ -344,8 +344,9 @@ class StructuredCovariance:
         return out
 
     def _split_constant(
-        self, xp: Any, constant: Array | Mapping[str, Array] | None, dtype: Any
+        self, xp: Any, constant: Array | Mapping[str, Array] | None, reference: Array
     ) -> list[Array | None]:
+        dtype = reference.dtype
         layout = self.layout
         if constant is None:
             return [None] * len(layout.names)
@@ -364,19 +365,35 @@ class StructuredCovariance:
                         f"`additive_constant[{name!r}]` must have shape {shape}, got "
                         f"{tuple(value.shape)}"
                     )
+                namespace(value, reference, argument=f"`additive_constant[{name!r}]` and `input`")
                 self._check_dtype(value, dtype, f"`additive_constant[{name!r}]`")
+                self._check_device(value, reference, f"`additive_constant[{name!r}]`")
                 parts.append(xp.reshape(value, (-1,)))
             return parts
+        if not is_array_api_obj(constant):
+            raise TypeError(
+                "`additive_constant` must be an array of shape (P,) or a mapping name -> array, "
+                f"got {type(constant).__name__}"
+            )
         if constant.ndim != 1 or constant.shape[0] != layout.num_params:
             raise ValueError(
                 f"`additive_constant` must have shape ({layout.num_params},) (P, the number of "
                 f"parameters), got {tuple(constant.shape)}"
             )
+        namespace(constant, reference, argument="`additive_constant` and `input`")
         self._check_dtype(constant, dtype, "`additive_constant`")
+        self._check_device(constant, reference, "`additive_constant`")
         return [
             constant[offset : offset + size]
             for offset, size in zip(layout.offsets, layout.sizes, strict=True)
         ]
+
+    @staticmethod
+    def _check_device(value: Array, reference: Array, argument: str) -> None:
+        # A traced JAX array has no device (None): only compare two known devices.
+        device, expected = device_of(value), device_of(reference)
+        if device is not None and expected is not None and device != expected:
+            raise ValueError(f"{argument} must be on the device {expected}, got {device}")
 
     @staticmethod
     def _check_dtype(value: Array, dtype: Any, argument: str) -> None:
