@@ -61,6 +61,9 @@ REQUIREMENTS: dict[str, Callable[[], str | None]] = {
     "array_api_strict": lambda: _installed("array_api_strict"),
     "torch": lambda: _installed("torch"),
     "jax": lambda: _installed("jax"),
+    "optax": lambda: _installed("optax"),
+    "equinox": lambda: _installed("equinox"),
+    "flax": lambda: _installed("flax"),
     "cupy": _cupy_device,
     "torch-cuda": _torch_cuda,
 }

@@ -186,21 +186,27 @@ def lr_scaling_tree(tree: Any, default: float = 1.0) -> Any:
         ``cov.lr_scaling[path]`` for each covariance array (e.g. ``1 / rank`` for
         ``"factor.weight"``), ``default`` elsewhere.
 
-    Use it as a per-leaf learning-rate multiplier after a scale-invariant
-    optimizer (for Adam, scaling the update equals scaling the learning rate)::
+    Examples
+    --------
+    A per-leaf learning-rate multiplier after Adam (scaling Adam's update equals
+    scaling its learning rate):
 
-        scales = lr_scaling_tree(param)
-        optimizer = optax.chain(
-            optax.adam(1e-2),
-            optax.stateless(lambda updates, _: jax.tree.map(operator.mul, updates, scales)),
-        )
+    ```python
+    scales = lr_scaling_tree(param)
+    optimizer = optax.chain(
+        optax.adam(1e-2),
+        optax.stateless(lambda updates, _: jax.tree.map(operator.mul, updates, scales)),
+    )
+    ```
 
-    or as labels of ``optax.multi_transform``, one optimizer per distinct scaling::
+    Or as labels of ``optax.multi_transform``, one optimizer per distinct scaling:
 
-        labels = lr_scaling_tree(param)
-        optimizer = optax.multi_transform(
-            {s: optax.adam(1e-2 * s) for s in set(jax.tree.leaves(labels))}, labels
-        )
+    ```python
+    labels = lr_scaling_tree(param)
+    optimizer = optax.multi_transform(
+        {s: optax.adam(1e-2 * s) for s in set(jax.tree.leaves(labels))}, labels
+    )
+    ```
     """
     return jax.tree_util.tree_map(
         functools.partial(_scales_of, default=default), tree, is_leaf=_is_structcov

@@ -128,6 +128,10 @@ class Covariance(nn.Module):
 class GaussianParameter(nn.Module):
     """A Gaussian-distributed parameter as an ``nn.Module``: N(mean, cov).
 
+    ``forward(sample_shape=(), generator=None)`` is ``sample``, so
+    ``torch.func.functional_call(module, state, (shape,))`` draws with a swapped
+    state.
+
     Parameters
     ----------
     mean
@@ -136,10 +140,6 @@ class GaussianParameter(nn.Module):
         A core covariance structure, e.g. ``structcov.KroneckerCovariance()``;
         it is initialized for ``mean`` (storage entries zero: call
         ``param.cov.reset_parameters(scale, generator)``).
-
-    ``forward(sample_shape=(), generator=None)`` is :meth:`sample`, so
-    ``torch.func.functional_call(module, state, (shape,))`` draws with a
-    swapped state.
     """
 
     def __init__(self, mean: Any, cov: FactorizedCovariance) -> None:
