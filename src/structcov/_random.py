@@ -95,7 +95,8 @@ def standard_normals(
     if kind not in ("none", expected):
         raise TypeError(
             f"`generator` does not fit the arrays' backend: arrays are {backend}, so `generator` "
-            f"must be {_EXPECTED[expected]} or None, got {_describe(generator)}"
+            f"must be {_EXPECTED[expected]}{'' if expected == 'jax' else ' or None'}, got "
+            f"{_describe(generator)}"
         )
 
     if expected == "torch":

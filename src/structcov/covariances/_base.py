@@ -289,9 +289,10 @@ class StructuredCovariance:
         else:
             scales = dict.fromkeys(names, mean_parameter_scales)
         for name, value in scales.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0:
                 raise ValueError(
-                    f"`mean_parameter_scales` must be non-negative floats, got {value!r} "
+                    f"`mean_parameter_scales` must be finite non-negative floats, got {value!r} "
                     f"for {name!r}"
                 )
         return {name: float(value) for name, value in scales.items()}
@@ -331,6 +332,7 @@ class StructuredCovariance:
                 f"`input` must have the covariance parameters' dtype {reference.dtype}, got "
                 f"{input.dtype}"
             )
+        self._check_device(input, reference, "`input`")
         constants = self._split_constant(xp, additive_constant, input)
         batch = tuple(input.shape[:-1])
         z = input if input.ndim == 2 else xp.reshape(input, (math.prod(batch), num_columns))
@@ -457,6 +459,7 @@ class StructuredCovariance:
         xp = namespace(x, reference, argument=f"`{argument}` and the covariance parameters")
         self._check_flat(x, argument)
         self._check_dtype(x, reference.dtype, f"`{argument}`")
+        self._check_device(x, reference, f"`{argument}`")
         batch = tuple(x.shape[:-1])
         x2 = x if x.ndim == 2 else xp.reshape(x, (math.prod(batch), layout.num_params))
         blocks = [
