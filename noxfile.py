@@ -43,7 +43,8 @@ def tests(session: nox.Session, backend: str) -> None:
     env = {"STRUCTCOV_BACKEND": backend}
     if backend == "jax":
         env["JAX_ENABLE_X64"] = "1"
-    session.run("pytest", *session.posargs, env=env)
+    # One worker per core (pytest-xdist): the JAX session is compile-bound.
+    session.run("pytest", "-n", "auto", *session.posargs, env=env)
 
 
 @nox.session
