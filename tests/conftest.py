@@ -31,8 +31,13 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
-_MODULES = {"numpy": "numpy", "array_api_strict": "array_api_strict", "torch": "torch",
-            "jax": "jax", "cupy": "cupy"}
+_MODULES = {
+    "numpy": "numpy",
+    "array_api_strict": "array_api_strict",
+    "torch": "torch",
+    "jax": "jax",
+    "cupy": "cupy",
+}
 
 
 def _selected() -> list[str]:
@@ -54,7 +59,7 @@ def _cuda_reason() -> str | None:
         import cupy
 
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # noqa: BLE001 -- any CUDA failure means "no device"
+    except Exception as error:  # any CUDA failure means "no device"
         return f"no CUDA device available to CuPy ({type(error).__name__}: {error})"
     return None if count > 0 else "no CUDA device available to CuPy (0 devices)"
 

@@ -162,7 +162,12 @@ class GaussianParameter(BNNParameter):
         ``ValueError`` for a singular covariance (no density exists).
         Cost: one ``solve`` of ``batch`` vectors plus one ``logdet``.
         """
-        centred = self.cov.flatten(value) - self.flat_mean()
+        flat = self.cov.flatten(value)
+        if flat.dtype != self._reference.dtype:
+            raise TypeError(
+                f"`value` must have the parameter's dtype {self._reference.dtype}, got {flat.dtype}"
+            )
+        centred = flat - self.flat_mean()
         xp = namespace(centred)
         quadratic = xp.sum(centred * self.cov.solve(centred), axis=-1)
         return -0.5 * (self.num_params * _LOG_2PI + self.cov.logdet() + quadratic)
@@ -247,6 +252,9 @@ def kl_divergence(q: GaussianParameter, p: GaussianParameter) -> Array:
             "`q` and `p` must have the same names (in the same order) and shapes, got "
             f"{q.shapes} and {p.shapes}"
         )
+    q_dtype, p_dtype = q._reference.dtype, p._reference.dtype
+    if q_dtype != p_dtype:
+        raise TypeError(f"`q` and `p` must share one dtype, got {q_dtype} and {p_dtype}")
     if p.cov.is_singular:
         raise ValueError(
             f"KL(q || p) needs a full-rank `p`, got the singular {p.cov!r} (it has no density)"
