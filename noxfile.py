@@ -32,9 +32,7 @@ def _has_cuda_device() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
-@nox.session(name="tests")
-@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
-def tests(session: nox.Session, backend: str) -> None:
+def _tests(session: nox.Session, backend: str) -> None:
     """Run the test suite on one array backend (STRUCTCOV_BACKEND=<backend>)."""
     if backend == "cupy" and not _has_cuda_device():
         session.skip("cupy needs a CUDA device; none found (no nvidia-smi)")
@@ -45,6 +43,18 @@ def tests(session: nox.Session, backend: str) -> None:
         env["JAX_ENABLE_X64"] = "1"
     # One worker per core (pytest-xdist): the JAX session is compile-bound.
     session.run("pytest", "-n", "auto", *session.posargs, env=env)
+
+
+def _tests_session(backend: str) -> None:
+    def run(session: nox.Session) -> None:
+        _tests(session, backend)
+
+    run.__doc__ = f"Run the test suite on {backend} (STRUCTCOV_BACKEND={backend})."
+    nox.session(name=f"tests-{backend}")(run)
+
+
+for _backend in BACKENDS:
+    _tests_session(_backend)
 
 
 @nox.session
