@@ -10,9 +10,7 @@ Nothing here is of size P x P: a dense path would need 16 TB.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import resource
 import statistics
 import sys
@@ -21,36 +19,13 @@ import tracemalloc
 from typing import Any
 
 import numpy as np
+from _common import generator as _generator
+from _common import namespace as _namespace
+from _common import sync as _sync
 
 import structcov as sc
 
 D_OUT, D_IN = 2000, 1000  # weight (2000, 1000) + bias (2000,): P = 2,002,000
-
-
-def _namespace(backend: str) -> Any:
-    if backend == "jax":
-        os.environ.setdefault("JAX_ENABLE_X64", "1")
-        return importlib.import_module("jax.numpy")
-    return importlib.import_module(f"array_api_compat.{backend}")
-
-
-def _generator(backend: str, seed: int) -> Any:
-    if backend == "torch":
-        import torch
-
-        return torch.Generator().manual_seed(seed)
-    if backend == "jax":
-        import jax
-
-        return jax.random.key(seed)
-    return np.random.default_rng(seed)
-
-
-def _sync(result: Any) -> None:
-    leaves = result.values() if isinstance(result, dict) else [result]
-    for leaf in leaves:
-        if hasattr(leaf, "block_until_ready"):
-            leaf.block_until_ready()
 
 
 def build(backend: str, rank: int = 8) -> tuple[Any, sc.GaussianParameter, sc.GaussianParameter]:

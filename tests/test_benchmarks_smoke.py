@@ -1,0 +1,120 @@
+"""The benchmark suite's smoke mode runs, so ``benchmarks/`` cannot rot.
+
+``benchmarks/suite.py --smoke`` runs every structure and operation once at P = 100 for
+the backend of this session (``STRUCTCOV_BACKEND``, NumPy by default) in a subprocess,
+and writes its JSON and Markdown reports. Timings are not asserted (a smoke run is one
+call on a shared machine); what is asserted is that every structure x operation has a
+row, timed or skipped with a reason, and that structcov agrees with the hand-written
+native baseline wherever both ran (so the baselines keep computing the same maths).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "suite.py"
+
+STRUCTURES = {
+    "diagonal",
+    "low_rank_r32",
+    "low_rank_plus_diagonal_r64",
+    "low_rank_plus_diagonal_r8",
+    "kronecker",
+    "factorized",
+}
+OPERATIONS = {"sample", "factor_matmul", "matmul", "diagonal", "trace", "logdet", "kl"}
+
+
+def _session_backend() -> str:
+    raw = os.environ.get("STRUCTCOV_BACKEND", "numpy")
+    names = [b.strip() for b in raw.split(",") if b.strip()]
+    # A multi-backend selection benchmarks the first one that is a real array library.
+    for name in names:
+        if name != "array_api_strict":
+            return name
+    return names[0] if names else "numpy"
+
+
+def _skip_reason(backend: str) -> str | None:
+    if backend == "array_api_strict":
+        return "array_api_strict is a test-only namespace: the benchmarks measure real backends"
+    module = "jax" if backend == "jax" else backend
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed"
+    if backend == "cupy":
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                return "cupy needs a CUDA device; none found"
+        except Exception as error:  # any CUDA failure means "no device"
+            return f"cupy needs a CUDA device ({type(error).__name__})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    backend = _session_backend()
+    reason = _skip_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, str(SUITE), "--smoke", "--backends", backend, "--out", str(out)]
+    if backend == "cupy":
+        command += ["--device", "cuda"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"suite failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return backend, out
+
+
+def test_reports_exist(smoke_run: tuple[str, Path]) -> None:
+    _, out = smoke_run
+    for name in ("results.json", "results.md", "targets.md"):
+        assert (out / name).stat().st_size > 0, name
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "time_vs_P.png").stat().st_size > 0
+
+
+def test_every_structure_and_operation_has_a_row(smoke_run: tuple[str, Path]) -> None:
+    backend, out = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {row["backend_name"] for row in rows} == {backend}
+    seen = {(row["structure"], row["op"]) for row in rows}
+    assert seen == {(s, op) for s in STRUCTURES for op in OPERATIONS}
+    for row in rows:
+        assert ("time_s" in row) != ("skipped" in row), row
+        if "time_s" in row:
+            for key in ("native_s", "floor_s", "ratio_native", "ratio_floor"):
+                assert row[key] > 0, (key, row)
+            assert row["output_bytes"] > 0
+
+
+def test_structcov_matches_the_native_baselines(smoke_run: tuple[str, Path]) -> None:
+    _, out = smoke_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    checked = [row for row in rows if "time_s" in row]
+    bad = [
+        (r["structure"], r["op"], r["check"]) for r in checked if not r["check"].startswith("ok")
+    ]
+    assert not bad
+
+
+def test_markdown_has_every_row(smoke_run: tuple[str, Path]) -> None:
+    _, out = smoke_run
+    results = (out / "results.md").read_text()
+    for operation in OPERATIONS:
+        assert f"`{operation}`" in results
+    for label in ("DiagonalCovariance()", "LowRankCovariance(32)", "KroneckerCovariance()"):
+        assert label in results
+    targets = (out / "targets.md").read_text()
+    for ident in ("T1", "T2", "T3", "T4", "T5", "T6"):
+        assert f"| {ident} |" in targets
