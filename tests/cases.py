@@ -6,6 +6,7 @@ A *mean spec* maps names to shapes, or to ``None`` for an absent entry
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import structcov as sc
+from oracle import flat_layout
 
 BARE = "bare"
 
@@ -85,3 +87,50 @@ def make_parameter(
     param = sc.GaussianParameter(mean, cov)
     cov.reset_parameters(1.0, generator=backend.generator(seed + 1))
     return param, mean
+
+
+def well_conditioned(cov: Any, mean: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Float64 storage by path with a dominant diagonal, laid out from the means alone.
+
+    Square factors are I + 0.1 N (rows in the flat order; the Kronecker bias row
+    last); non-square factors 0.5 N; diagonal scales (1 + 0.1 N) with random signs
+    (only |s| may matter); low rank plus diagonal U = 0.3 N and d as the scales.
+    """
+    layout = flat_layout(mean)
+    shapes = {path: tuple(array.shape) for path, array in cov.storage().items()}
+
+    def square_or_not(rows: int, columns: int) -> np.ndarray:
+        if rows == columns:
+            return np.eye(rows) + 0.1 * rng.standard_normal((rows, rows))
+        return 0.5 * rng.standard_normal((rows, columns))
+
+    def scales(shape: tuple[int, ...]) -> np.ndarray:
+        signs = rng.choice([-1.0, 1.0], size=shape)
+        return signs * (1.0 + 0.1 * rng.standard_normal(shape))
+
+    out: dict[str, np.ndarray] = {}
+    kind = type(cov)
+    if kind is sc.KroneckerCovariance:
+        d_out, r_out = shapes["output_factor"]
+        out["output_factor"] = square_or_not(d_out, r_out)
+        in_shape = layout.shapes[layout.names.index("weight")][1:]
+        d_in, r_in = math.prod(in_shape), shapes["input_factor.weight"][-1]
+        has_bias = "bias" in layout.names
+        s_in = square_or_not(d_in + int(has_bias), r_in)
+        out["input_factor.weight"] = s_in[:d_in].reshape((*in_shape, r_in))
+        if has_bias:
+            out["input_factor.bias"] = s_in[d_in:]
+    elif kind is sc.DiagonalCovariance:
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            out[f"scale.{name}"] = scales(shape)
+    elif kind is sc.LowRankPlusDiagonalCovariance:
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            out[f"factor.{name}"] = 0.3 * rng.standard_normal(shapes[f"factor.{name}"])
+            out[f"scale.{name}"] = scales(shape)
+    else:  # FactorizedCovariance, LowRankCovariance
+        rank = shapes[f"factor.{layout.names[0]}"][-1]
+        s = square_or_not(layout.num_params, rank)
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            out[f"factor.{name}"] = s[layout.slots[name]].reshape((*shape, rank))
+    assert {p: v.shape for p, v in out.items()} == shapes
+    return out
