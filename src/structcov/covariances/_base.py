@@ -79,6 +79,7 @@ class StructuredCovariance:
 
     def __init__(self) -> None:
         self._layout: Layout | None = None
+        self._slot_cache: tuple[Slot, ...] = ()
         for attribute in self._dict_attributes:
             setattr(self, attribute, {})
         for attribute in self._array_attributes:
@@ -94,7 +95,11 @@ class StructuredCovariance:
         raise NotImplementedError
 
     def _blocks(self, xp: Any, z: Array) -> list[Array]:
-        """``S_name z`` for each name in layout order: ``z`` is (B, K), each block (B, n)."""
+        """``S_name z`` for each name in layout order: ``z`` is (B, K), each block (B, n).
+
+        Each block must be a new array, not a view of ``z`` or of the storage:
+        ``factor_matmul`` adds the mean into it in place.
+        """
         raise NotImplementedError
 
     @property
@@ -151,8 +156,11 @@ class StructuredCovariance:
         return {slot.path: slot.lr_scaling for slot in self._slots_checked()}
 
     def _slots_checked(self) -> tuple[Slot, ...]:
-        self.layout  # noqa: B018 -- raises the "not initialized" error
-        return self._slots()
+        # Built once at initialization, not lazily: a first-call cache write breaks
+        # torch.compile tracing, and rebuilding Slot objects per call is measurable at small P.
+        if not self._slot_cache:
+            self.layout  # noqa: B018 -- raises the "not initialized" error
+        return self._slot_cache
 
     def _get(self, slot: Slot) -> Array:
         stored = getattr(self, slot.attribute)
@@ -174,8 +182,9 @@ class StructuredCovariance:
         For adapters: JAX pytree aux data, serialisation. Equal structures with
         equal ranks and layouts give equal tuples.
         """
-        stored = set(self._dict_attributes) | set(self._array_attributes)
-        return tuple(sorted((k, v) for k, v in vars(self).items() if k not in stored))
+        # The slot cache is derived from the rest, so it is rebuilt rather than carried.
+        skip = {*self._dict_attributes, *self._array_attributes, "_slot_cache"}
+        return tuple(sorted((k, v) for k, v in vars(self).items() if k not in skip))
 
     @classmethod
     def _rebuild(cls, static: tuple[tuple[str, Any], ...], arrays: Mapping[str, Any]) -> Any:
@@ -191,7 +200,8 @@ class StructuredCovariance:
             setattr(rebuilt, attribute, {})
         for attribute in cls._array_attributes:
             setattr(rebuilt, attribute, None)
-        for slot in rebuilt._slots():
+        rebuilt._slot_cache = rebuilt._slots()
+        for slot in rebuilt._slot_cache:
             rebuilt._set(slot, arrays[slot.path])
         return rebuilt
 
@@ -235,9 +245,10 @@ class StructuredCovariance:
         layout, xp, dtype, device = describe_means(mean_parameters)
         self._setup(layout)
         self._layout = layout
+        self._slot_cache = self._slots()
         for attribute in self._dict_attributes:
             setattr(self, attribute, {})
-        for slot in self._slots():
+        for slot in self._slot_cache:
             self._set(slot, xp.zeros(slot.shape, dtype=dtype, device=device))
 
     def reset_parameters(
@@ -341,7 +352,9 @@ class StructuredCovariance:
             layout.names, layout.shapes, self._blocks(xp, z), constants, strict=True
         ):
             if constant is not None:
-                block = block + constant
+                # In place on the new block (see `_blocks`): saves a pass and a temporary
+                # the size of the output. On immutable arrays (JAX) `+=` rebinds instead.
+                block += constant
             out[name] = xp.reshape(block, (*batch, *shape))
         return out
 

@@ -13,6 +13,19 @@ from .factorized import FactorizedCovariance, _row_norms
 
 __all__ = ["LowRankPlusDiagonalCovariance"]
 
+#: Rows of U per pass of the Gram product: the (rows, r) temporary U / d^2 then stays
+#: in cache instead of costing a P x r round trip through memory.
+_CHUNK_ROWS = 8192
+#: At most this many passes per name, so large P costs few Python-level calls.
+_MAX_CHUNKS = 64
+
+
+def _row_chunks(size: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` ranges covering ``range(size)``, each >= _CHUNK_ROWS rows."""
+    count = max(1, min(_MAX_CHUNKS, size // _CHUNK_ROWS))
+    step = -(-size // count)  # ceil
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
 
 class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     r"""Covariance Sigma = U U^T + diag(d^2): a rank-r correction of a diagonal.
@@ -119,22 +132,37 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     def capacitance(self) -> Array:
         """C = I_r + U^T D^-1 U, shape (rank, rank). O(P r^2); the only r x r object needed."""
         reference = self._reference_array()
-        xp = namespace_of(reference)
+        return self._capacitance(namespace_of(reference))
+
+    def _capacitance(self, xp: Any) -> Array:
+        return self._capacitance_parts(xp, None)[0]
+
+    def _capacitance_parts(self, xp: Any, variances: Array | None) -> tuple[Array, Array | None]:
+        """C, and with ``variances`` (v, shape (P,)) also sum_i |u_i|^2 / v_i (for the KL).
+
+        U^T D^-1 U is summed over row chunks of U (see `_row_chunks`): the same GEMM
+        work, but the scaled temporary stays small.
+        """
+        reference = self._reference_array()
         layout, rank = self.layout, self._initialized_rank
-        gram = total(
-            xp.matmul(
-                xp.matrix_transpose(self._factor_2d(xp, name, size)),
-                self._factor_2d(xp, name, size)
-                / xp.expand_dims(self._d(xp, name, size) ** 2, axis=1),
-            )
-            for name, size in zip(layout.names, layout.sizes, strict=True)
-        )
-        return gram + xp.eye(rank, dtype=reference.dtype, device=device_of(reference))
+        grams, low = [], []
+        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+            factor, d = self._factor_2d(xp, name, size), self._d(xp, name, size)
+            for start, stop in _row_chunks(size):
+                u = factor[start:stop, :]
+                d_chunk = d[start:stop]
+                scaled = u / xp.expand_dims(d_chunk * d_chunk, axis=1)
+                grams.append(xp.matmul(xp.matrix_transpose(u), scaled))
+                if variances is not None:
+                    v = variances[offset + start : offset + stop]
+                    low.append(xp.sum(_row_norms(xp, u) / v))
+        eye = xp.eye(rank, dtype=reference.dtype, device=device_of(reference))
+        return total(grams) + eye, (total(low) if low else None)
 
     def _logdet(self, xp: Any) -> Array:
         # Matrix determinant lemma: det(D + U U^T) = det(C) det(D).
         log_d = total(xp.sum(xp.log(xp.abs(self.scale[name]))) for name in self.layout.names)
-        return _linalg.logabsdet(xp, self.capacitance()) + 2.0 * log_d
+        return _linalg.logabsdet(xp, self._capacitance(xp)) + 2.0 * log_d
 
     def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
         # Woodbury: (D + U U^T)^-1 = D^-1 - D^-1 U C^-1 U^T D^-1.
@@ -144,7 +172,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         ]
         y = [block / v for block, v in zip(x, variances, strict=True)]
         t = self._low_rank_rmatmul(xp, y)  # (B, r)
-        w = xp.matrix_transpose(_linalg.solve(xp, self.capacitance(), xp.matrix_transpose(t)))
+        w = xp.matrix_transpose(_linalg.solve(xp, self._capacitance(xp), xp.matrix_transpose(t)))
         return [
             y_n - xp.matmul(w, xp.matrix_transpose(self._factor_2d(xp, name, size))) / v
             for name, size, y_n, v in zip(layout.names, layout.sizes, y, variances, strict=True)
@@ -152,12 +180,12 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
 
     def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
         # With r = d^2 / v: 0.5 [sum(r - 1 - log r) + sum(rowsum(U^2) / v) - log det C],
-        # each part well scaled (the determinant lemma splits log det Sigma).
+        # each part well scaled (the determinant lemma splits log det Sigma). The U
+        # term comes from the same row chunks as C, so U is read once.
         layout = self.layout
+        capacitance, low = self._capacitance_parts(xp, variances)
         parts = []
         for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
-            v = variances[offset : offset + size]
-            ratio = self._d(xp, name, size) ** 2 / v
-            low = _row_norms(xp, self._factor_2d(xp, name, size)) / v
-            parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + low))
-        return 0.5 * (total(parts) - _linalg.logabsdet(xp, self.capacitance()))
+            ratio = self._d(xp, name, size) ** 2 / variances[offset : offset + size]
+            parts.append(xp.sum(ratio - 1.0 - xp.log(ratio)))
+        return 0.5 * (total(parts) + low - _linalg.logabsdet(xp, capacitance))
