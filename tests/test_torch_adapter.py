@@ -159,6 +159,33 @@ def test_functional_call_and_vmap_over_stacked_states():
     assert torch.allclose(swapped["weight"], direct["weight"])
 
 
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("batched", ["means", "noise", "both"])
+def test_vmap_of_factor_matmul_matches_a_loop(structure, batched):
+    # factor_matmul adds the mean into its new blocks in place; under vmap a batched
+    # mean cannot be added into an unbatched block in place, so this must fall back.
+    from torch.func import vmap
+
+    q = make(structure)
+    generator = torch.Generator().manual_seed(3)
+    k, p = q.cov.num_factor_columns, q.num_params
+    zs = torch.randn(4, 2, k, generator=generator, dtype=torch.float64)
+    means = torch.randn(4, p, generator=generator, dtype=torch.float64)
+    z_dim = None if batched == "means" else 0
+    m_dim = None if batched == "noise" else 0
+    z_in = zs[0] if z_dim is None else zs
+    m_in = means[0] if m_dim is None else means
+
+    def product(z, m):
+        return q.cov.flatten(q.cov.factor_matmul(z, m))
+
+    got = vmap(product, in_dims=(z_dim, m_dim))(z_in, m_in)
+    expected = torch.stack(
+        [product(zs[0 if z_dim is None else i], means[0 if m_dim is None else i]) for i in range(4)]
+    )
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("what", ["sample", "kl"])
 def test_torch_compile_fullgraph(what):
     q = make("lowrank+diag", dtype=torch.float32)

@@ -22,12 +22,27 @@ from typing import Any
 from .._array_api import Array, Layout, describe_means, device_of, is_array_api_obj, namespace
 from .._random import standard_normals
 
-__all__ = ["Slot", "StructuredCovariance", "check_rank", "total"]
+__all__ = ["Slot", "StructuredCovariance", "add_into", "check_rank", "total"]
 
 
 def total(parts: Iterable[Array]) -> Array:
     """The sum of a non-empty sequence of arrays (keeps the first one's namespace)."""
     return functools.reduce(operator.add, parts)
+
+
+def add_into(block: Array, other: Array) -> Array:
+    """``block + other``, written into ``block`` where the backend allows it.
+
+    ``block`` must be a new array that nobody else holds (a GEMM output): adding in
+    place saves a pass over it and a temporary of its size. Immutable arrays (JAX)
+    rebind instead; a backend that refuses (torch ``vmap`` with ``other`` batched and
+    ``block`` not) gets the out-of-place sum, which raises again if the add itself is wrong.
+    """
+    try:
+        block += other
+    except (RuntimeError, TypeError, ValueError):
+        block = block + other
+    return block
 
 
 def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
@@ -352,9 +367,7 @@ class StructuredCovariance:
             layout.names, layout.shapes, self._blocks(xp, z), constants, strict=True
         ):
             if constant is not None:
-                # In place on the new block (see `_blocks`): saves a pass and a temporary
-                # the size of the output. On immutable arrays (JAX) `+=` rebinds instead.
-                block += constant
+                block = add_into(block, constant)  # the block is new (see `_blocks`)
             out[name] = xp.reshape(block, (*batch, *shape))
         return out
 

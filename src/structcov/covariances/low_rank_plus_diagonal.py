@@ -8,7 +8,7 @@ from typing import Any
 from .. import _linalg
 from .._array_api import Array, Layout, device_of
 from .._array_api import namespace as namespace_of
-from ._base import Slot, check_rank, total
+from ._base import Slot, add_into, check_rank, total
 from .factorized import FactorizedCovariance, _row_norms
 
 __all__ = ["LowRankPlusDiagonalCovariance"]
@@ -88,11 +88,12 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     def _blocks(self, xp: Any, z: Array) -> list[Array]:
         layout, rank = self.layout, self._initialized_rank
         low = z[:, :rank]
-        return [
-            xp.matmul(low, xp.matrix_transpose(self._factor_2d(xp, name, size)))
-            + z[:, rank + offset : rank + offset + size] * self._d(xp, name, size)
-            for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
-        ]
+        blocks = []
+        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+            block = xp.matmul(low, xp.matrix_transpose(self._factor_2d(xp, name, size)))
+            diagonal_part = z[:, rank + offset : rank + offset + size] * self._d(xp, name, size)
+            blocks.append(add_into(block, diagonal_part))  # one (B, n) temporary fewer
+        return blocks
 
     def _low_rank_rmatmul(self, xp: Any, x: list[Array]) -> Array:
         """U^T x, shape (B, rank)."""
