@@ -13,19 +13,6 @@ from .factorized import FactorizedCovariance, _row_norms
 
 __all__ = ["LowRankPlusDiagonalCovariance"]
 
-#: Rows of U per pass of the Gram product: the (rows, r) temporary U / d^2 then stays
-#: in cache instead of costing a P x r round trip through memory.
-_CHUNK_ROWS = 8192
-#: At most this many passes per name, so large P costs few Python-level calls.
-_MAX_CHUNKS = 64
-
-
-def _row_chunks(size: int) -> list[tuple[int, int]]:
-    """Contiguous ``(start, stop)`` ranges covering ``range(size)``, each >= _CHUNK_ROWS rows."""
-    count = max(1, min(_MAX_CHUNKS, size // _CHUNK_ROWS))
-    step = -(-size // count)  # ceil
-    return [(start, min(start + step, size)) for start in range(0, size, step)]
-
 
 class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     r"""Covariance Sigma = U U^T + diag(d^2): a rank-r correction of a diagonal.
@@ -136,29 +123,17 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         return self._capacitance(namespace_of(reference))
 
     def _capacitance(self, xp: Any) -> Array:
-        return self._capacitance_parts(xp, None)[0]
-
-    def _capacitance_parts(self, xp: Any, variances: Array | None) -> tuple[Array, Array | None]:
-        """C, and with ``variances`` (v, shape (P,)) also sum_i |u_i|^2 / v_i (for the KL).
-
-        U^T D^-1 U is summed over row chunks of U (see `_row_chunks`): the same GEMM
-        work, but the scaled temporary stays small.
-        """
         reference = self._reference_array()
-        layout, rank = self.layout, self._initialized_rank
-        grams, low = [], []
-        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
-            factor, d = self._factor_2d(xp, name, size), self._d(xp, name, size)
-            for start, stop in _row_chunks(size):
-                u = factor[start:stop, :]
-                d_chunk = d[start:stop]
-                scaled = u / xp.expand_dims(d_chunk * d_chunk, axis=1)
-                grams.append(xp.matmul(xp.matrix_transpose(u), scaled))
-                if variances is not None:
-                    v = variances[offset + start : offset + stop]
-                    low.append(xp.sum(_row_norms(xp, u) / v))
-        eye = xp.eye(rank, dtype=reference.dtype, device=device_of(reference))
-        return total(grams) + eye, (total(low) if low else None)
+        # W^T W with W = D^-1/2 U (one scaled temporary): NumPy sends a product of an
+        # array with its own transpose to SYRK, half the flops of the general GEMM.
+        grams = []
+        for name, size in zip(self.layout.names, self.layout.sizes, strict=True):
+            scaled = self._factor_2d(xp, name, size) / xp.expand_dims(
+                xp.abs(self._d(xp, name, size)), axis=1
+            )
+            grams.append(xp.matmul(xp.matrix_transpose(scaled), scaled))
+        rank = self._initialized_rank
+        return total(grams) + xp.eye(rank, dtype=reference.dtype, device=device_of(reference))
 
     def _logdet(self, xp: Any) -> Array:
         # Matrix determinant lemma: det(D + U U^T) = det(C) det(D).
@@ -181,12 +156,12 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
 
     def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
         # With r = d^2 / v: 0.5 [sum(r - 1 - log r) + sum(rowsum(U^2) / v) - log det C],
-        # each part well scaled (the determinant lemma splits log det Sigma). The U
-        # term comes from the same row chunks as C, so U is read once.
+        # each part well scaled (the determinant lemma splits log det Sigma).
         layout = self.layout
-        capacitance, low = self._capacitance_parts(xp, variances)
         parts = []
         for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
-            ratio = self._d(xp, name, size) ** 2 / variances[offset : offset + size]
-            parts.append(xp.sum(ratio - 1.0 - xp.log(ratio)))
-        return 0.5 * (total(parts) + low - _linalg.logabsdet(xp, capacitance))
+            v = variances[offset : offset + size]
+            ratio = self._d(xp, name, size) ** 2 / v
+            low = _row_norms(xp, self._factor_2d(xp, name, size)) / v
+            parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + low))
+        return 0.5 * (total(parts) - _linalg.logabsdet(xp, self._capacitance(xp)))
