@@ -16,13 +16,14 @@ nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = False
 
 # What each backend session installs on top of the package and its test extra.
-# Keep the torch/jax pins in sync with pyproject.toml's extras.
+# Keep the torch/jax/dask pins in sync with pyproject.toml's extras.
 BACKENDS = {
     "numpy": [],
     "array_api_strict": [],
     "torch": ["torch"],
     "jax": ["jax-extras"],
     "cupy": ["cupy"],
+    "dask": ["dask"],
 }
 
 nox.options.sessions = [f"tests-{name}" for name in BACKENDS] + ["lint", "docs"]

@@ -1,7 +1,11 @@
 """Shared fixtures: the backend matrix, dtypes, and hypothesis profiles.
 
 ``STRUCTCOV_BACKEND`` picks the backends (comma-separated; each nox session sets
-one): numpy, array_api_strict, torch, jax, cupy. Unset: every installed one.
+one): numpy, array_api_strict, torch, jax, cupy, dask. Unset: every installed one.
+
+On dask, every array a test creates with ``backend.asarray`` is chunked along its
+leading axis (the parameter axis of the means) in chunks of `DASK_CHUNK` rows, so
+the multi-chunk paths run; the factor's trailing (rank) axis stays in one chunk.
 """
 
 from __future__ import annotations
@@ -30,14 +34,19 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy", "dask")
 _MODULES = {
     "numpy": "numpy",
     "array_api_strict": "array_api_strict",
     "torch": "torch",
     "jax": "jax",
     "cupy": "cupy",
+    "dask": "dask",
 }
+
+#: dask: rows per chunk along the leading axis of every test array (small, so that
+#: even the tiny test layouts span several chunks).
+DASK_CHUNK = 2
 
 
 def _selected() -> list[str]:
@@ -72,8 +81,14 @@ class Backend:
     xp: Any  # the array-API namespace (compat-wrapped where needed)
 
     def asarray(self, value: Any, dtype: str) -> Any:
-        """A backend array of ``dtype`` ("float32"/"float64") from a NumPy array."""
-        return self.xp.asarray(np.asarray(value), dtype=getattr(self.xp, dtype))
+        """A backend array of ``dtype`` ("float32"/"float64") from a NumPy array.
+
+        dask: chunked along the leading axis (`DASK_CHUNK` rows), other axes whole.
+        """
+        array = self.xp.asarray(np.asarray(value), dtype=getattr(self.xp, dtype))
+        if self.name == "dask" and array.ndim > 0:
+            array = array.rechunk({0: DASK_CHUNK, **{axis: -1 for axis in range(1, array.ndim)}})
+        return array
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """A float64 NumPy copy of a backend array (any device)."""
@@ -81,6 +96,8 @@ class Backend:
             return array.detach().cpu().double().numpy()
         if self.name == "cupy":
             return array.get().astype(np.float64)
+        if self.name == "dask":
+            return np.asarray(array.compute(scheduler="synchronous")).astype(np.float64)
         return np.asarray(array).astype(np.float64)
 
     def generator(self, seed: int) -> Any:
@@ -97,6 +114,10 @@ class Backend:
             import cupy
 
             return cupy.random.default_rng(seed)
+        if self.name == "dask":
+            import dask.array
+
+            return dask.array.random.default_rng(seed)
         return np.random.default_rng(seed)
 
     def dtype_name(self, array: Any) -> str:
@@ -120,6 +141,8 @@ def _make_backend(name: str) -> Backend:
 
         jax.config.update("jax_enable_x64", True)
         import jax.numpy as xp
+    elif name == "dask":
+        import array_api_compat.dask.array as xp
     else:
         import array_api_compat.cupy as xp
     return Backend(name, xp)

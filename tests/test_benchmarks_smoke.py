@@ -46,6 +46,11 @@ def _session_backend() -> str:
 def _skip_reason(backend: str) -> str | None:
     if backend == "array_api_strict":
         return "array_api_strict is a test-only namespace: the benchmarks measure real backends"
+    if backend == "dask":
+        return (
+            "benchmarks/suite.py has no dask backend (its kits are numpy, torch, jax, cupy): "
+            "lazy graphs would time graph construction, not the maths"
+        )
     module = "jax" if backend == "jax" else backend
     if importlib.util.find_spec(module) is None:
         return f"{module} is not installed"

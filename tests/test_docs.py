@@ -64,6 +64,7 @@ REQUIREMENTS: dict[str, Callable[[], str | None]] = {
     "optax": lambda: _installed("optax"),
     "equinox": lambda: _installed("equinox"),
     "flax": lambda: _installed("flax"),
+    "dask": lambda: _installed("dask"),
     "cupy": _cupy_device,
     "torch-cuda": _torch_cuda,
 }

@@ -230,7 +230,9 @@ def test_sample_is_factor_matmul_of_the_generators_draw(
     rank = expected_columns(case.structure, shapes)
     means = present_means(param)
     sample = param.sample((2, 3), generator=backend.generator(5))
-    z = reference_normals(backend, backend.generator(5), (2, 3, rank), next(iter(means.values())))
+    z = reference_normals(
+        backend, backend.generator(5), (2, 3, rank), next(iter(means.values())), param
+    )
     expected = param.cov.factor_matmul(z, additive_constant=means)
     assert list(sample) == list(expected)
     for name in shapes:

@@ -21,18 +21,54 @@ WEIGHT_BIAS = next(case for case in CASES if case.id == "factorized-rank3-weight
 KRONECKER = next(case for case in CASES if case.id == "kronecker-full-weight+bias")
 
 
-def reference_normals(backend: Backend, generator: Any, shape: tuple[int, ...], like: Any) -> Any:
+def dask_noise_chunks(param: sc.GaussianParameter, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """The documented chunking of ``sample``'s noise z of ``shape`` = (*sample_shape, K) on dask.
+
+    The K axis is split like the columns of the factor S: for a diagonal S, the
+    means' chunks in the flat order (a row chunk of a mean of shape (n, *rest) is
+    that many rows times prod(rest) flat entries); for low rank plus diagonal,
+    ``rank`` columns in one chunk, then the same; otherwise one chunk. The sample
+    axes are dask's "auto".
+    """
+    flat: list[int] = []
+    for value in present_means(param).values():
+        if value.ndim == 0:
+            flat.append(1)
+            continue
+        rest = int(np.prod(value.shape[1:]))
+        flat.extend(int(rows) * rest for rows in value.chunks[0])
+    if isinstance(param.cov, sc.DiagonalCovariance):
+        columns = tuple(flat)
+    elif isinstance(param.cov, sc.LowRankPlusDiagonalCovariance):
+        columns = (param.cov.rank, *flat)
+    else:
+        columns = (shape[-1],)
+    return (*("auto",) * (len(shape) - 1), columns)
+
+
+def reference_normals(
+    backend: Backend,
+    generator: Any,
+    shape: tuple[int, ...],
+    like: Any,
+    param: sc.GaussianParameter | None = None,
+) -> Any:
     """One array of standard normals drawn from ``generator`` the documented way.
 
     numpy: ``Generator.standard_normal(shape, dtype=)``; torch: ``torch.randn(shape,
     generator=, dtype=, device=)``; jax: ``jax.random.normal(key, shape, dtype=)`` (one
     array: the key itself, not split); cupy: ``Generator.standard_normal(shape,
-    dtype=)``; others (array_api_strict): a NumPy draw converted with ``asarray``.
+    dtype=)``; dask: ``Generator.standard_normal(shape, dtype=, chunks=)`` with the
+    chunks `sample` uses for ``param`` (`dask_noise_chunks`), or dask's "auto" without
+    ``param``; others (array_api_strict): a NumPy draw converted with ``asarray``.
     ``like`` gives dtype and device.
     """
     import array_api_compat
 
     device = array_api_compat.device(like)
+    if backend.name == "dask":
+        chunks = "auto" if param is None else dask_noise_chunks(param, shape)
+        return generator.standard_normal(shape, dtype=like.dtype, chunks=chunks)
     if backend.name == "numpy":
         return generator.standard_normal(shape, dtype=like.dtype)
     if backend.name == "torch":
@@ -84,7 +120,7 @@ def test_native_generator_gives_documented_draw(backend: Backend, dtype: str, ca
     param, _ = make_parameter(case, backend, dtype)
     rank = param.cov.rank
     sample = param.sample((4,), generator=backend.generator(7))
-    z = reference_normals(backend, backend.generator(7), (4, rank), first_mean(param))
+    z = reference_normals(backend, backend.generator(7), (4, rank), first_mean(param), param)
     expected = param.cov.factor_matmul(z, additive_constant=present_means(param))
     assert_samples_close(backend, sample, expected, dtype)
 
@@ -119,6 +155,11 @@ def global_seed(backend: Backend) -> Iterator[Callable[[int], None]]:
         import cupy
 
         yield lambda seed: cupy.random.seed(seed)
+        return
+    if backend.name == "dask":
+        import dask.array
+
+        yield dask.array.random.seed
         return
     # generator=None means NumPy's legacy global RNG: that is what is under test here.
     state = np.random.get_state()  # noqa: NPY002
@@ -175,12 +216,24 @@ def _jax_raw_key() -> Any:
     return jax.random.PRNGKey(0)
 
 
+def _dask_generator() -> Any:
+    dask_array = pytest.importorskip("dask.array")
+    return dask_array.random.default_rng(0)
+
+
+def _dask_random_state() -> Any:
+    dask_array = pytest.importorskip("dask.array")
+    return dask_array.random.RandomState(0)
+
+
 #: id -> (factory, backends it fits)
 GENERATORS: dict[str, tuple[Callable[[], Any], set[str]]] = {
     "numpy-Generator": (_numpy_generator, {"numpy", "array_api_strict"}),
     "torch-Generator": (_torch_generator, {"torch"}),
     "jax-key": (_jax_key, {"jax"}),
     "jax-PRNGKey": (_jax_raw_key, {"jax"}),
+    "dask-Generator": (_dask_generator, {"dask"}),
+    "dask-RandomState": (_dask_random_state, {"dask"}),
     # numpy.random objects that are not a numpy.random.Generator
     "numpy-BitGenerator": (lambda: np.random.PCG64(0), set()),
     "numpy-SeedSequence": (lambda: np.random.SeedSequence(0), set()),

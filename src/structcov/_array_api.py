@@ -18,6 +18,7 @@ __all__ = [
     "Array",
     "Layout",
     "backend_name",
+    "chunks_of",
     "describe_means",
     "device_of",
     "is_array_api_obj",
@@ -61,6 +62,18 @@ def is_array_api_obj(x: Any) -> bool:
 def device_of(x: Array) -> Any:
     """The device of ``x`` (``None`` for a traced JAX array)."""
     return array_api_compat.device(x)
+
+
+def chunks_of(xp: Any, x: Array) -> tuple[tuple[int, ...], ...] | None:
+    """The chunking of ``x`` if ``xp`` is a chunked namespace (dask), else ``None``.
+
+    The standard has no notion of chunks, so this is asked of the namespace here,
+    not of the array elsewhere; it only informs how lazy draws are split (see
+    `structcov._random`), never the maths.
+    """
+    if not array_api_compat.is_dask_namespace(xp):
+        return None
+    return tuple(tuple(int(c) for c in axis) for axis in x.chunks)
 
 
 def backend_name(xp: Any) -> str:

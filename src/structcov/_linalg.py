@@ -1,7 +1,16 @@
 """Small dense linear algebra (r x r capacitance matrices, square factors).
 
 Every call of ``xp.linalg`` in the core goes through here, so a backend whose
-linalg differs (e.g. dask: no ``slogdet``, an upper Cholesky) is fixed in one place.
+linalg differs is fixed in one place, by capability rather than by name:
+
+- no ``linalg.slogdet`` (dask): log|det a| from the standard ``linalg.qr``;
+- ``linalg.cholesky`` returning the upper triangle (dask through array-api-compat):
+  `cholesky` is correct whichever triangle comes back;
+- linalg that needs a matrix in one chunk (dask: ``solve`` needs square chunks,
+  ``qr`` a single column chunk): the small matrix is put in one chunk first, with
+  the namespace's own ``rechunk`` (the standard has no notion of chunks).
+
+Everything stays lazy on lazy backends: nothing here computes a value.
 """
 
 from __future__ import annotations
@@ -10,12 +19,46 @@ from typing import Any
 
 from ._array_api import Array
 
-__all__ = ["logabsdet", "solve"]
+__all__ = ["cholesky", "eigh", "logabsdet", "solve"]
+
+
+def _one_chunk(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
+    """``a`` with ``axes`` each in a single chunk, where the namespace has chunked arrays.
+
+    Only a namespace with a ``rechunk`` function (dask) has chunks; elsewhere this is
+    the identity. dask's ``linalg.solve`` (an LU) needs square chunks and its
+    triangular solves need the right-hand side's rows chunked like the matrix; its
+    ``qr`` needs one column chunk. The matrices here are small (r x r, or a square
+    factor), so one chunk is the simple choice; a no-op when already so.
+    """
+    rechunk = getattr(xp, "rechunk", None)
+    if rechunk is None:
+        return a
+    return rechunk(a, {axis % a.ndim: -1 for axis in axes})
+
+
+def _chunked_like(xp: Any, x: Array, like: Array) -> Array:
+    """``x`` split like ``like`` (same shape) where the namespace has chunks, else ``x``.
+
+    A solution takes the chunks of its right-hand side back, so a P-sized result
+    is not left in the one chunk the solve needed.
+    """
+    rechunk = getattr(xp, "rechunk", None)
+    return x if rechunk is None else rechunk(x, like.chunks)
 
 
 def logabsdet(xp: Any, a: Array) -> Array:
-    """log |det a| for a square ``a`` of shape (..., n, n). O(n^3) (LU)."""
-    return xp.linalg.slogdet(a)[1]
+    """log |det a| for a square ``a`` of shape (..., n, n). O(n^3) (LU, or QR without slogdet).
+
+    Without ``linalg.slogdet`` (dask): a = QR with Q orthogonal, so
+    log|det a| = sum_i log|R_ii| (a zero R_ii gives -inf, as slogdet does). dask's
+    ``qr`` takes 2-D matrices only, which is all the core passes.
+    """
+    slogdet = getattr(xp.linalg, "slogdet", None)
+    if slogdet is not None:
+        return slogdet(a)[1]
+    r = xp.linalg.qr(_one_chunk(xp, a, (-2, -1)))[1]
+    return xp.sum(xp.log(xp.abs(xp.linalg.diagonal(r))), axis=-1)
 
 
 def solve(xp: Any, a: Array, b: Array) -> Array:
@@ -24,4 +67,32 @@ def solve(xp: Any, a: Array, b: Array) -> Array:
     Vectors must be passed as (..., n, 1): ``xp.linalg.solve`` reads a 2-D ``b``
     as a matrix on every backend.
     """
-    return xp.linalg.solve(a, b)
+    x = xp.linalg.solve(_one_chunk(xp, a, (-2, -1)), _one_chunk(xp, b, (-2,)))
+    return _chunked_like(xp, x, b)
+
+
+def cholesky(xp: Any, a: Array) -> Array:
+    """The lower Cholesky factor L (a = L L^T) of a symmetric positive definite ``a``.
+
+    Correct whichever triangle the backend returns (dask's, through array-api-compat,
+    is the upper R = L^T): tril(C) + triu(C, 1)^T is C when C is lower, and C^T
+    when C is upper. No branch on values, O(n^2) extra.
+    """
+    c = xp.linalg.cholesky(_one_chunk(xp, a, (-2, -1)))
+    return xp.tril(c) + xp.matrix_transpose(xp.triu(c, k=1))
+
+
+def eigh(xp: Any, a: Array) -> tuple[Array, Array]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric ``a``.
+
+    Raises ``TypeError`` naming the namespace when it has no ``linalg.eigh`` (dask).
+    """
+    function = getattr(xp.linalg, "eigh", None)
+    if function is None:
+        raise TypeError(
+            f"this needs linalg.eigh (`from_dense` onto a rank-truncated structure), which the "
+            f"array namespace {xp.__name__} does not have: pass NumPy arrays instead (for dask, "
+            "the computed covariance)"
+        )
+    values, vectors = function(a)
+    return values, vectors

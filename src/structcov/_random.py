@@ -14,12 +14,19 @@ torch              ``torch.Generator`` (same device)   torch's global RNG
 jax                a PRNG key (``jax.random.key`` or   error: JAX needs a key
                    ``jax.random.PRNGKey``)
 cupy               ``cupy.random.Generator``           CuPy's global RNG
+dask               ``dask.array.random.Generator``     dask's global RandomState
+                   (``default_rng``) or
+                   ``dask.array.random.RandomState``
 others (e.g.       ``numpy.random.Generator``; the     NumPy's global RNG
 array_api_strict)  draw is converted with ``asarray``
 =================  ==================================  ==========================
 
 The same generator state gives the same numbers. A JAX key is split once per
 array when several arrays are drawn at once, so no two arrays share numbers.
+
+dask draws are lazy: a dask array whose chunks are drawn where they are computed,
+so no draw materialises on one machine. ``chunks`` (one dask ``chunks=`` value per
+shape, or ``None`` for ``"auto"``) says how to split them; other backends ignore it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from ._array_api import Array, backend_name
 
 __all__ = ["standard_normal", "standard_normals"]
 
-_NATIVE = ("torch", "jax", "cupy")
+_NATIVE = ("torch", "jax", "cupy", "dask")
 
 
 def _generator_kind(generator: Any) -> str:
@@ -46,6 +53,8 @@ def _generator_kind(generator: Any) -> str:
         return "cupy"
     if module.startswith(("jax", "jaxlib")):
         return "jax"
+    if module.startswith("dask.array") and name in ("Generator", "RandomState"):
+        return "dask"
     return "unknown"
 
 
@@ -60,6 +69,7 @@ def standard_normals(
     xp: Any,
     dtype: Any,
     device: Any,
+    chunks: Sequence[Any] | None = None,
 ) -> list[Array]:
     """Draw one standard normal array per shape in ``shapes``.
 
@@ -71,6 +81,9 @@ def standard_normals(
         The shapes to draw, in order.
     xp, dtype, device
         Namespace, dtype and device of the arrays to return.
+    chunks
+        dask only: one ``chunks=`` value per shape (``None`` entries, or ``None``
+        for all: ``"auto"``). Ignored by other backends.
 
     Returns
     -------
@@ -89,7 +102,8 @@ def standard_normals(
     if kind == "unknown":
         raise TypeError(
             f"`generator` must be a numpy.random.Generator, torch.Generator, JAX PRNG key, "
-            f"cupy.random.Generator or None, got {_describe(generator)}"
+            f"cupy.random.Generator, dask.array.random.Generator/RandomState or None, got "
+            f"{_describe(generator)}"
         )
     expected = backend if backend in _NATIVE else "numpy"
     if kind not in ("none", expected):
@@ -105,14 +119,23 @@ def standard_normals(
         return _jax_normals(generator, shapes, dtype, device)
     if expected == "cupy":
         return _cupy_normals(generator, shapes, dtype)
+    if expected == "dask":
+        return _dask_normals(generator, shapes, dtype, chunks)
     return _numpy_normals(generator, shapes, xp, dtype, device, native=backend == "numpy")
 
 
 def standard_normal(
-    generator: Any, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: Any
+    generator: Any,
+    shape: tuple[int, ...],
+    *,
+    xp: Any,
+    dtype: Any,
+    device: Any,
+    chunks: Any = None,
 ) -> Array:
     """Draw one standard normal array of ``shape`` (see `standard_normals`)."""
-    return standard_normals(generator, [shape], xp=xp, dtype=dtype, device=device)[0]
+    draws = standard_normals(generator, [shape], xp=xp, dtype=dtype, device=device, chunks=[chunks])
+    return draws[0]
 
 
 _EXPECTED = {
@@ -120,6 +143,7 @@ _EXPECTED = {
     "torch": "a torch.Generator",
     "jax": "a JAX PRNG key",
     "cupy": "a cupy.random.Generator",
+    "dask": "a dask.array.random.Generator (dask.array.random.default_rng) or RandomState",
 }
 
 
@@ -173,3 +197,23 @@ def _cupy_normals(generator: Any, shapes: list[tuple[int, ...]], dtype: Any) -> 
 
     draw = cupy.random.standard_normal if generator is None else generator.standard_normal
     return [draw(s, dtype=dtype) for s in shapes]
+
+
+def _dask_normals(
+    generator: Any, shapes: list[tuple[int, ...]], dtype: Any, chunks: Sequence[Any] | None
+) -> list[Array]:
+    import dask.array as da
+
+    # None: dask's global RandomState (the module-level functions; dask.array.random.seed).
+    draw = da.random.standard_normal if generator is None else generator.standard_normal
+    # Only a Generator draws in float32 directly; a RandomState draws float64.
+    native_dtype = type(generator).__name__ == "Generator"
+    splits = [None] * len(shapes) if chunks is None else list(chunks)
+    out = []
+    for shape, split in zip(shapes, splits, strict=True):
+        split = "auto" if split is None else split
+        if native_dtype:
+            out.append(draw(shape, chunks=split, dtype=dtype))
+        else:
+            out.append(draw(shape, chunks=split).astype(dtype, copy=False))
+    return out

@@ -7,7 +7,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import _linalg
-from ._array_api import Array, Layout, describe_means, device_of, namespace, normalize_mean
+from ._array_api import (
+    Array,
+    Layout,
+    chunks_of,
+    describe_means,
+    device_of,
+    namespace,
+    normalize_mean,
+)
 from ._random import standard_normal
 from .covariances import DiagonalCovariance, FactorizedCovariance, KroneckerCovariance
 
@@ -140,13 +148,14 @@ class GaussianParameter(BNNParameter):
         shape = _sample_shape(sample_shape)
         means: dict[str, Array] = {name: self.mean[name] for name in self.names}
         reference = self._reference
-
+        xp = namespace(reference)
         z = standard_normal(
             generator,
             (*shape, self.cov.num_factor_columns),
-            xp=namespace(reference),
+            xp=xp,
             dtype=reference.dtype,
             device=device_of(reference),
+            chunks=_noise_chunks(xp, self, len(shape)),
         )
         return self.cov.factor_matmul(z, additive_constant=means)
 
@@ -182,6 +191,26 @@ class GaussianParameter(BNNParameter):
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}: {s}" for n, s in self.shapes.items())
         return f"GaussianParameter({{{shapes}}}, cov={self.cov!r})"
+
+
+def _noise_chunks(xp: Any, param: GaussianParameter, sample_ndim: int) -> Any:
+    """How a chunked backend (dask) splits the noise z of shape ``(*sample_shape, K)``.
+
+    Like the columns of the factor S: the K axis takes the chunks of S^T m, a lazy
+    product that is only built, never computed (for a diagonal S these are the
+    means' chunks, for low rank plus diagonal ``rank`` then the means' chunks). The
+    sample axes are dask's ``"auto"``. ``None`` on other backends: nothing is built.
+    """
+    if chunks_of(xp, param._reference) is None:
+        return None
+    layout = param.cov.layout
+    rows = [
+        xp.reshape(param.mean[name], (1, size))
+        for name, size in zip(layout.names, layout.sizes, strict=True)
+    ]
+    columns = chunks_of(xp, param.cov._rblocks(xp, rows))
+    assert columns is not None
+    return ("auto",) * sample_ndim + (columns[-1],)
 
 
 def normal_prior(like: GaussianParameter, scale: Any = 1.0) -> GaussianParameter:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from . import _linalg
 from ._array_api import Array, device_of, namespace
 from .covariances import (
     DiagonalCovariance,
@@ -40,8 +41,8 @@ def _psd_factor(xp: Any, c: Array, rank: int, *, cholesky: bool = True) -> Array
     """
     n = c.shape[0]
     if cholesky and rank >= n:
-        return xp.linalg.cholesky(c)
-    values, vectors = xp.linalg.eigh(c)  # ascending
+        return _linalg.cholesky(xp, c)  # the lower factor whichever triangle comes back
+    values, vectors = _linalg.eigh(xp, c)  # ascending
     top = xp.flip(values[n - rank :], axis=0)
     top = xp.where(top > 0, top, xp.zeros_like(top))
     return xp.flip(vectors[:, n - rank :], axis=1) * xp.sqrt(top)
