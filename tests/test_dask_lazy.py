@@ -210,3 +210,25 @@ def test_parameter_sized_results_keep_the_means_chunks(structure: str, lazy: Non
     for name, leaf in samples.items():
         assert leaf.chunks[1:] == param.mean[name].chunks, (name, leaf.chunks)
     assert math.prod(len(c) for c in samples["weight"].chunks) > 1
+
+
+@pytest.mark.parametrize(
+    "structure", ["factorized-rank3", "lowrank-2", "lowrank+diag-2", "diagonal"]
+)
+def test_storage_created_and_drawn_takes_the_means_chunks(structure: str, lazy: None) -> None:
+    # Storage that extends the means (scale: the mean's shape; factor: + rank) is
+    # created chunked like them, and reset_parameters keeps those chunks.
+    param, _, _ = _build(structure)
+    for _ in range(2):  # as created, then as drawn
+        for path, value in param.cov.storage().items():
+            _is_lazy(value)
+            name = path.split(".", 1)[1]
+            mean_chunks = param.mean[name].chunks
+            assert value.chunks[: len(mean_chunks)] == mean_chunks, (path, value.chunks)
+            assert all(len(axis) == 1 for axis in value.chunks[len(mean_chunks) :]), path
+        param.cov.reset_parameters(0.5, generator=da.random.default_rng(1))
+    prior = sc.normal_prior(param, 0.5)
+    for name, value in prior.mean.items():
+        assert value.chunks == param.mean[name].chunks, name
+    for path, value in prior.cov.storage().items():
+        assert value.chunks == param.mean[path.split(".", 1)[1]].chunks, path

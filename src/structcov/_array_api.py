@@ -24,6 +24,8 @@ __all__ = [
     "is_array_api_obj",
     "namespace",
     "normalize_mean",
+    "same_device",
+    "to_device",
 ]
 
 #: Arrays are typed loosely: any array of an array-API namespace.
@@ -39,14 +41,31 @@ _BACKENDS = (
 )
 
 
+#: (array type, dtype) -> namespace, for arrays whose namespace was looked up before
+_NAMESPACES: dict[tuple[type, Any], Any] = {}
+
+
 def namespace(*arrays: Array, argument: str = "the arrays") -> Any:
     """The array-API namespace shared by ``arrays`` (compat-wrapped where needed).
 
     Raises ``TypeError`` naming ``argument`` if the arrays come from different
     libraries or are not arrays at all.
     """
+    # array_namespace costs microseconds, a measurable part of a call at small P. Its
+    # answer depends only on the array type (and dtype: JAX's float0 gradients are
+    # NumPy arrays), so arrays of one known (type, dtype) skip it.
+    first = arrays[0] if arrays else None
+    key = (type(first), getattr(first, "dtype", None))
+    cached = _NAMESPACES.get(key)
+    if cached is not None and all(
+        type(a) is key[0] and getattr(a, "dtype", None) == key[1] for a in arrays[1:]
+    ):
+        return cached
     try:
-        return array_api_compat.array_namespace(*arrays)
+        xp = array_api_compat.array_namespace(*arrays)
+        if len(arrays) == 1:
+            _NAMESPACES[key] = xp
+        return xp
     except TypeError as error:
         kinds = sorted({f"{type(a).__module__}.{type(a).__qualname__}" for a in arrays})
         raise TypeError(
@@ -62,6 +81,26 @@ def is_array_api_obj(x: Any) -> bool:
 def device_of(x: Array) -> Any:
     """The device of ``x`` (``None`` for a traced JAX array)."""
     return array_api_compat.device(x)
+
+
+def to_device(x: Array, device: Any) -> Array:
+    """``x`` on ``device`` (a device from `device_of`: for a sharded JAX array, its sharding).
+
+    ``None`` (a traced JAX array has no device) leaves ``x`` where it is.
+    """
+    return x if device is None else array_api_compat.to_device(x, device)
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two devices (from `device_of`) are the same place.
+
+    A sharded JAX array's device is its sharding: arrays split differently over the
+    same devices (a weight over its rows, its bias whole) are in the same place.
+    """
+    set_a, set_b = getattr(a, "device_set", None), getattr(b, "device_set", None)
+    if set_a is not None and set_b is not None:
+        return bool(set_a == set_b)
+    return bool(a == b)
 
 
 def chunks_of(xp: Any, x: Array) -> tuple[tuple[int, ...], ...] | None:
@@ -162,7 +201,7 @@ def describe_means(mean_parameters: Any) -> tuple[Layout, Any, Any, Any]:
                 f"`mean` entries must share one dtype: `mean[{first_name!r}]` is {dtype}, "
                 f"`mean[{name!r}]` is {value.dtype}"
             )
-        if device_of(value) != device:
+        if not same_device(device_of(value), device):
             raise ValueError(
                 f"`mean` entries must live on one device: `mean[{first_name!r}]` is on "
                 f"{device}, `mean[{name!r}]` is on {device_of(value)}"

@@ -11,15 +11,55 @@ linalg differs is fixed in one place, by capability rather than by name:
   the namespace's own ``rechunk`` (the standard has no notion of chunks).
 
 Everything stays lazy on lazy backends: nothing here computes a value.
+
+Split arrays (JAX with explicit sharding) need two things said that the standard
+cannot say; an adapter says them with `register_override` (structcov.jax does):
+
+- ``"matmul"``: `matmul` contracts an axis that may be split (the parameter axis);
+  JAX's explicit mode then asks for the output's sharding;
+- ``"one_piece"``: the matrix of a dense factorisation must be whole on each device
+  (JAX's explicit mode refuses an LU of a split matrix), as dask needs one chunk.
+
+Without an override (every backend, and JAX without explicit sharding) these are
+``xp.matmul`` and the identity.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from ._array_api import Array
+from ._array_api import Array, backend_name
 
-__all__ = ["cholesky", "eigh", "logabsdet", "solve"]
+__all__ = ["cholesky", "eigh", "logabsdet", "matmul", "register_override", "solve"]
+
+#: (backend name, "matmul" | "one_piece") -> replacement; filled by adapters only.
+_OVERRIDES: dict[tuple[str, str], Callable[..., Array]] = {}
+
+
+def register_override(backend: str, name: str, function: Callable[..., Array]) -> None:
+    """Install ``function`` as ``name`` ("matmul" or "one_piece") for arrays of ``backend``.
+
+    For adapters (structcov.jax): ``matmul(a, b)`` replaces ``xp.matmul`` in `matmul`;
+    ``one_piece(a, axes)`` returns ``a`` with ``axes`` whole on each device.
+    """
+    if name not in ("matmul", "one_piece"):
+        raise ValueError(f"`name` must be 'matmul' or 'one_piece', got {name!r}")
+    _OVERRIDES[backend, name] = function
+
+
+def _override(xp: Any, name: str) -> Callable[..., Array] | None:
+    return _OVERRIDES.get((backend_name(xp), name)) if _OVERRIDES else None
+
+
+def matmul(xp: Any, a: Array, b: Array) -> Array:
+    """``a @ b`` where the contracted axis may be the parameter axis (split under JAX).
+
+    The core's contractions over P (``S^T x``, ``U^T D^-1 U``, ``S_out^T X``) go
+    through here; contractions over a rank axis call ``xp.matmul``.
+    """
+    override = _override(xp, "matmul")
+    return xp.matmul(a, b) if override is None else override(a, b)
 
 
 def _one_chunk(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
@@ -32,9 +72,10 @@ def _one_chunk(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
     factor), so one chunk is the simple choice; a no-op when already so.
     """
     rechunk = getattr(xp, "rechunk", None)
-    if rechunk is None:
-        return a
-    return rechunk(a, {axis % a.ndim: -1 for axis in axes})
+    if rechunk is not None:
+        return rechunk(a, {axis % a.ndim: -1 for axis in axes})
+    override = _override(xp, "one_piece")
+    return a if override is None else override(a, tuple(axis % a.ndim for axis in axes))
 
 
 def _chunked_like(xp: Any, x: Array, like: Array) -> Array:
@@ -56,7 +97,7 @@ def logabsdet(xp: Any, a: Array) -> Array:
     """
     slogdet = getattr(xp.linalg, "slogdet", None)
     if slogdet is not None:
-        return slogdet(a)[1]
+        return slogdet(_one_chunk(xp, a, (-2, -1)))[1]
     r = xp.linalg.qr(_one_chunk(xp, a, (-2, -1)))[1]
     return xp.sum(xp.log(xp.abs(xp.linalg.diagonal(r))), axis=-1)
 

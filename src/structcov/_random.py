@@ -31,6 +31,7 @@ shape, or ``None`` for ``"auto"``) says how to split them; other backends ignore
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +71,7 @@ def standard_normals(
     dtype: Any,
     device: Any,
     chunks: Sequence[Any] | None = None,
+    split_like: Array | None = None,
 ) -> list[Array]:
     """Draw one standard normal array per shape in ``shapes``.
 
@@ -84,6 +86,11 @@ def standard_normals(
     chunks
         dask only: one ``chunks=`` value per shape (``None`` entries, or ``None``
         for all: ``"auto"``). Ignored by other backends.
+    split_like
+        JAX only: ``None``, or a mean whose leading axis is split over explicit mesh
+        axes; the last axis of each draw (one column per parameter) is then drawn
+        split the same way, so no device holds the whole draw (the default threefry
+        is partitionable: the numbers are those of an unsplit draw).
 
     Returns
     -------
@@ -116,7 +123,7 @@ def standard_normals(
     if expected == "torch":
         return _torch_normals(generator, shapes, dtype, device)
     if expected == "jax":
-        return _jax_normals(generator, shapes, dtype, device)
+        return _jax_normals(generator, shapes, dtype, device, split_like)
     if expected == "cupy":
         return _cupy_normals(generator, shapes, dtype)
     if expected == "dask":
@@ -132,9 +139,18 @@ def standard_normal(
     dtype: Any,
     device: Any,
     chunks: Any = None,
+    split_like: Array | None = None,
 ) -> Array:
     """Draw one standard normal array of ``shape`` (see `standard_normals`)."""
-    draws = standard_normals(generator, [shape], xp=xp, dtype=dtype, device=device, chunks=[chunks])
+    draws = standard_normals(
+        generator,
+        [shape],
+        xp=xp,
+        dtype=dtype,
+        device=device,
+        chunks=[chunks],
+        split_like=split_like,
+    )
     return draws[0]
 
 
@@ -175,7 +191,32 @@ def _torch_normals(
     return [torch.randn(s, generator=generator, dtype=dtype, device=device) for s in shapes]
 
 
-def _jax_normals(key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any) -> list[Array]:
+def _jax_split(jax: Any, like: Any, shape: tuple[int, ...]) -> Any:
+    """``out_sharding`` splitting the last axis of ``shape`` like ``like``'s leading axis.
+
+    ``None`` (JAX's default) unless ``like`` is split over explicit mesh axes whose
+    size divides that axis. Under automatic sharding XLA splits the draw by itself.
+    """
+    if like is None or not shape:
+        return None
+    sharding = jax.typeof(like).sharding
+    spec = tuple(sharding.spec)
+    axes = spec[0] if spec else None
+    if axes is None:
+        return None
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    mesh = sharding.mesh
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if any(types[name] != jax.sharding.AxisType.Explicit for name in names):
+        return None
+    if shape[-1] % math.prod(mesh.shape[name] for name in names):
+        return None
+    return jax.sharding.PartitionSpec(*([None] * (len(shape) - 1)), axes)
+
+
+def _jax_normals(
+    key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: Any, split_like: Any = None
+) -> list[Array]:
     import jax
 
     typed = jax.numpy.issubdtype(key.dtype, jax.dtypes.prng_key)
@@ -186,8 +227,13 @@ def _jax_normals(key: Any, shapes: list[tuple[int, ...]], dtype: Any, device: An
         )
     # One key per array: reusing a key would put the same numbers in two arrays.
     keys = [key] if len(shapes) == 1 else list(jax.random.split(key, len(shapes)))
-    out = [jax.random.normal(k, s, dtype=dtype) for k, s in zip(keys, shapes, strict=True)]
-    if device is not None:
+    out = [
+        jax.random.normal(k, s, dtype=dtype, out_sharding=_jax_split(jax, split_like, s))
+        for k, s in zip(keys, shapes, strict=True)
+    ]
+    # A sharded reference's "device" is its sharding, which fits only arrays of its own
+    # rank and layout: only a single device is imposed here (split draws: `split_like`).
+    if isinstance(device, jax.Device):
         out = [jax.device_put(z, device) for z in out]
     return out
 

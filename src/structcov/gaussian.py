@@ -156,6 +156,7 @@ class GaussianParameter(BNNParameter):
             dtype=reference.dtype,
             device=device_of(reference),
             chunks=_noise_chunks(xp, self, len(shape)),
+            split_like=reference if self.cov._noise_per_parameter else None,
         )
         return self.cov.factor_matmul(z, additive_constant=means)
 
@@ -233,7 +234,7 @@ def normal_prior(like: GaussianParameter, scale: Any = 1.0) -> GaussianParameter
     """
     reference = like._reference
     xp = namespace(reference)
-    dtype, device = reference.dtype, device_of(reference)
+    dtype = reference.dtype
     if isinstance(scale, Mapping):
         missing = [name for name in like.names if name not in scale]
         if missing:
@@ -241,15 +242,15 @@ def normal_prior(like: GaussianParameter, scale: Any = 1.0) -> GaussianParameter
         scales = {name: scale[name] for name in like.names}
     else:
         scales = dict.fromkeys(like.names, scale)
-    means = {
-        name: xp.zeros(shape, dtype=dtype, device=device) for name, shape in like.shapes.items()
-    }
+    # *_like keeps the means' layout: a chunked (dask) or sharded (JAX) prior then
+    # lines up with q, so the KL needs no rechunk or reshard of P-sized arrays.
+    means = {name: xp.zeros_like(like.mean[name]) for name in like.names}
     prior = GaussianParameter(means, DiagonalCovariance())
     filled = {}
     for name, shape in like.shapes.items():
         value = scales[name]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            filled[f"scale.{name}"] = xp.full(shape, float(value), dtype=dtype, device=device)
+            filled[f"scale.{name}"] = xp.full_like(like.mean[name], float(value))
         else:
             filled[f"scale.{name}"] = xp.broadcast_to(xp.asarray(value, dtype=dtype), shape)
     prior.cov.load_storage(filled)

@@ -47,6 +47,7 @@ from typing import Any
 
 import jax
 
+from . import _linalg
 from .covariances import FactorizedCovariance
 from .covariances._base import StructuredCovariance
 from .gaussian import GaussianParameter, kl_divergence, normal_prior
@@ -367,3 +368,43 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_CLASSES:
         return _LAZY_CLASSES[name]()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------- explicit sharding
+#: untyped in jax's stubs
+_PartitionSpec: Any = jax.sharding.PartitionSpec
+_reshard: Any = jax.sharding.reshard
+
+
+def _spec(x: Any) -> tuple[Any, ...]:
+    """``x``'s split over explicit mesh axes, one entry per axis (``None``: not split)."""
+    spec: tuple[Any, ...] = tuple(jax.typeof(x).sharding.spec)
+    padding: int = x.ndim - len(spec)
+    return spec + (None,) * padding
+
+
+def _sharded_matmul(a: Any, b: Any) -> Any:
+    """``a @ b``; when both sides split the contracted axis, JAX's explicit mode asks for
+    the output sharding: that of the contraction with the axis unsplit (partial sums,
+    then an all-reduce), which automatic sharding picks by itself."""
+    spec_a, spec_b = _spec(a), _spec(b)
+    if spec_a[-1] is None or spec_b[-2] is None:
+        return jax.numpy.matmul(a, b)
+    batch = max(a.ndim, b.ndim) - 2
+    pad_a = (None,) * (batch - a.ndim + 2) + spec_a[:-2]
+    pad_b = (None,) * (batch - b.ndim + 2) + spec_b[:-2]
+    out = tuple(x if x is not None else y for x, y in zip(pad_a, pad_b, strict=True))
+    return jax.numpy.matmul(a, b, out_sharding=_PartitionSpec(*out, spec_a[-2], spec_b[-1]))
+
+
+def _one_piece(a: Any, axes: tuple[int, ...]) -> Any:
+    """``a`` with ``axes`` whole on every device (an all-gather, of a small matrix)."""
+    spec = _spec(a)
+    if all(spec[axis] is None for axis in axes):
+        return a
+    whole = tuple(None if axis in axes else s for axis, s in enumerate(spec))
+    return _reshard(a, _PartitionSpec(*whole))
+
+
+_linalg.register_override("jax", "matmul", _sharded_matmul)
+_linalg.register_override("jax", "one_piece", _one_piece)

@@ -19,7 +19,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._array_api import Array, Layout, describe_means, device_of, is_array_api_obj, namespace
+from .._array_api import (
+    Array,
+    Layout,
+    chunks_of,
+    describe_means,
+    device_of,
+    is_array_api_obj,
+    namespace,
+    normalize_mean,
+    same_device,
+    to_device,
+)
 from .._random import standard_normals
 
 __all__ = ["Slot", "StructuredCovariance", "add_into", "check_rank", "total"]
@@ -43,6 +54,25 @@ def add_into(block: Array, other: Array) -> Array:
     except (RuntimeError, TypeError, ValueError):
         block = block + other
     return block
+
+
+def _zeros_laid_out_like(
+    xp: Any, shape: tuple[int, ...], mean: Array | None, dtype: Any, device: Any
+) -> Array:
+    """Zeros of ``shape``, split like ``mean`` when ``shape`` is the mean's shape (+ one axis).
+
+    A chunked (dask) or sharded (JAX) mean passes its split on to the storage that
+    extends it (``scale``: the mean's shape; ``factor``: the mean's shape + rank), so
+    the structured operations line up with the means. ``zeros_like`` keeps the
+    layout; broadcasting appends the rank axis whole, and the copy makes it a real
+    array rather than a read-only broadcast view.
+    """
+    if mean is None or tuple(shape[: mean.ndim]) != tuple(mean.shape) or len(shape) > mean.ndim + 1:
+        return xp.zeros(shape, dtype=dtype, device=device)
+    zeros = xp.zeros_like(mean)
+    if len(shape) == mean.ndim:
+        return zeros
+    return xp.asarray(xp.broadcast_to(xp.expand_dims(zeros, axis=-1), shape), copy=True)
 
 
 def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
@@ -263,8 +293,10 @@ class StructuredCovariance:
         self._slot_cache = self._slots()
         for attribute in self._dict_attributes:
             setattr(self, attribute, {})
+        means = normalize_mean(mean_parameters)
         for slot in self._slot_cache:
-            self._set(slot, xp.zeros(slot.shape, dtype=dtype, device=device))
+            mean = means.get(slot.name) if slot.name is not None else None
+            self._set(slot, _zeros_laid_out_like(xp, slot.shape, mean, dtype, device))
 
     def reset_parameters(
         self,
@@ -289,7 +321,13 @@ class StructuredCovariance:
             zip(
                 [slot.path for slot in random_slots],
                 standard_normals(
-                    generator, [s.shape for s in random_slots], xp=xp, dtype=dtype, device=device
+                    generator,
+                    [s.shape for s in random_slots],
+                    xp=xp,
+                    dtype=dtype,
+                    device=device,
+                    # dask: keep each stored array's chunks (laid out like the means).
+                    chunks=[chunks_of(xp, self._get(s)) for s in random_slots],
                 ),
                 strict=True,
             )
@@ -297,9 +335,12 @@ class StructuredCovariance:
         for slot in slots:
             std = slot.multiplier * (1.0 if slot.scale_of is None else scales[slot.scale_of])
             if slot.random:
-                self._set(slot, draws[slot.path] * std)
+                # Back where the stored array was (a sharded JAX array: its sharding; the
+                # draw itself is whole). Elsewhere a no-op: the draw is made on that device.
+                placed = to_device(draws[slot.path], device_of(self._get(slot)))
+                self._set(slot, placed * std)
             else:
-                self._set(slot, xp.full(slot.shape, std, dtype=dtype, device=device))
+                self._set(slot, xp.full_like(self._get(slot), std))  # keeps the layout
 
     def _scales(self, mean_parameter_scales: Mapping[str, float] | float) -> dict[str, float]:
         names = self.layout.names
@@ -420,7 +461,7 @@ class StructuredCovariance:
     def _check_device(value: Array, reference: Array, argument: str) -> None:
         # A traced JAX array has no device (None): only compare two known devices.
         device, expected = device_of(value), device_of(reference)
-        if device is not None and expected is not None and device != expected:
+        if device is not None and expected is not None and not same_device(device, expected):
             raise ValueError(f"{argument} must be on the device {expected}, got {device}")
 
     @staticmethod

@@ -29,6 +29,7 @@ class DiagonalCovariance(FactorizedCovariance):
 
     _dict_attributes = ("scale",)
     scale: dict[str, Array]
+    _noise_per_parameter = True
 
     def __init__(self) -> None:
         super().__init__(rank=None)

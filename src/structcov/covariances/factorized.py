@@ -55,6 +55,9 @@ class FactorizedCovariance(StructuredCovariance):
 
     _dict_attributes: tuple[str, ...] = ("factor",)
     factor: dict[str, Array]
+    #: Whether the noise z has one column per parameter after its first few (S ends in
+    #: a diagonal block): sampling then draws it split like the means (JAX sharding).
+    _noise_per_parameter: bool = False
 
     def __init__(self, rank: int | None = None) -> None:
         super().__init__()
@@ -107,7 +110,7 @@ class FactorizedCovariance(StructuredCovariance):
     def _rblocks(self, xp: Any, x: list[Array]) -> Array:
         layout = self.layout
         return total(
-            xp.matmul(block, self._factor_2d(xp, name, size))  # (B, n) @ (n, K)
+            _linalg.matmul(xp, block, self._factor_2d(xp, name, size))  # (B, n) @ (n, K)
             for name, size, block in zip(layout.names, layout.sizes, x, strict=True)
         )
 

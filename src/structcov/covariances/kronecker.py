@@ -216,7 +216,7 @@ class KroneckerCovariance(FactorizedCovariance):
         t = xp.matmul(weight, self._input_weight(xp))  # (B, d_out, r_in)
         if bias is not None:
             t = t + xp.expand_dims(bias, axis=-1) * self.input_factor["bias"]
-        v = xp.matmul(xp.matrix_transpose(self.output_factor), t)  # (B, r_out, r_in)
+        v = _linalg.matmul(xp, xp.matrix_transpose(self.output_factor), t)  # (B, r_out, r_in)
         if self.sample_scale != 1.0:
             v = v * self.sample_scale
         return xp.reshape(v, (v.shape[0], self.num_factor_columns))

@@ -38,6 +38,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
 
     _dict_attributes = ("factor", "scale")
     scale: dict[str, Array]
+    _noise_per_parameter = True
 
     def __init__(self, rank: int) -> None:
         check_rank(rank, "rank", optional=False)
@@ -86,7 +87,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
         """U^T x, shape (B, rank)."""
         layout = self.layout
         return total(
-            xp.matmul(block, self._factor_2d(xp, name, size))
+            _linalg.matmul(xp, block, self._factor_2d(xp, name, size))
             for name, size, block in zip(layout.names, layout.sizes, x, strict=True)
         )
 
@@ -131,7 +132,7 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
             scaled = self._factor_2d(xp, name, size) / xp.expand_dims(
                 xp.abs(self._d(xp, name, size)), axis=1
             )
-            grams.append(xp.matmul(xp.matrix_transpose(scaled), scaled))
+            grams.append(_linalg.matmul(xp, xp.matrix_transpose(scaled), scaled))
         rank = self._initialized_rank
         return total(grams) + xp.eye(rank, dtype=reference.dtype, device=device_of(reference))
 
