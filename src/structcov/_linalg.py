@@ -66,10 +66,12 @@ def _one_chunk(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
     """``a`` with ``axes`` each in a single chunk, where the namespace has chunked arrays.
 
     Only a namespace with a ``rechunk`` function (dask) has chunks; elsewhere this is
-    the identity. dask's ``linalg.solve`` (an LU) needs square chunks and its
-    triangular solves need the right-hand side's rows chunked like the matrix; its
-    ``qr`` needs one column chunk. The matrices here are small (r x r, or a square
-    factor), so one chunk is the simple choice; a no-op when already so.
+    the ``"one_piece"`` override where one is registered (JAX: the matrix made whole on
+    every device, as explicit sharding requires for an LU), else the identity.
+    dask's ``linalg.solve`` (an LU) needs square chunks and its triangular solves
+    need the right-hand side's rows chunked like the matrix; its ``qr`` needs one
+    column chunk. The matrices here are small (r x r, or a square factor), so one
+    chunk is the simple choice; a no-op when already so.
     """
     rechunk = getattr(xp, "rechunk", None)
     if rechunk is not None:
