@@ -16,6 +16,7 @@ if _selected and "torch" not in _selected.split(","):
     pytest.skip("torch adapter tests run in the torch session", allow_module_level=True)
 
 import structcov as sc  # noqa: E402
+import structcov.functional as F  # noqa: E402
 import structcov.torch as st  # noqa: E402
 
 STRUCTURES = {
@@ -109,15 +110,14 @@ def test_kl_and_log_prob_gradients_match_finite_differences(structure):
     leaves = [q.cov._parameter(path).detach().clone().requires_grad_(True) for path in paths]
 
     def with_storage(*arrays):
-        core = q.synced()
-        core.cov.load_storage(dict(zip(paths, arrays, strict=True)))
-        return core
+        # The pure functions take the storage as an argument: (structure, storage, mean).
+        return q.cov.structure, dict(zip(paths, arrays, strict=True)), dict(q.mean.items())
 
     assert torch.autograd.gradcheck(
-        lambda *a: sc.kl_divergence(with_storage(*a), prior), leaves, atol=1e-6, rtol=1e-5
+        lambda *a: F.kl_divergence(with_storage(*a), prior._parts()), leaves, atol=1e-6, rtol=1e-5
     )
     assert torch.autograd.gradcheck(
-        lambda *a: with_storage(*a).log_prob(value), leaves, atol=1e-6, rtol=1e-5
+        lambda *a: F.log_prob(*with_storage(*a), value), leaves, atol=1e-6, rtol=1e-5
     )
 
 
@@ -194,7 +194,7 @@ def test_torch_compile_fullgraph(what):
 
     def eager():
         if what == "sample":
-            return q.cov.factor_matmul(z, additive_constant=q.synced().mean)["weight"]
+            return q.cov.factor_matmul(z, additive_constant=dict(q.mean.items()))["weight"]
         return st.kl_divergence(q, prior)
 
     with warnings.catch_warnings():
@@ -208,3 +208,56 @@ def test_torch_compile_fullgraph(what):
     np.testing.assert_allclose(
         compiled.detach().numpy(), eager().detach().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+# ------------------------------------------------------- the module owns its arrays
+def test_the_module_reads_its_parameters_directly():
+    """No shared core object: a change of a parameter is seen by the next call."""
+    q = make("lowrank+diag")
+    before = q.cov.logdet()
+    with torch.no_grad():
+        q.cov.scale["weight"].mul_(2.0)
+    assert not torch.isclose(q.cov.logdet(), before)
+    assert q.cov.storage()["scale.weight"] is q.cov.scale["weight"]
+
+
+def test_sample_scale_on_a_kronecker_module_changes_the_covariance():
+    q = make("kronecker")
+    base = q.cov.to_dense().detach()
+    q.cov.sample_scale = 0.5
+    assert q.cov.structure.sample_scale == 0.5
+    torch.testing.assert_close(q.cov.to_dense().detach(), 0.25 * base)
+    with pytest.raises(ValueError, match="`sample_scale` must be a finite float >= 0"):
+        q.cov.sample_scale = float("nan")
+    other = make("lowrank+diag")
+    with pytest.raises(AttributeError, match="sample_scale"):
+        other.cov.sample_scale = 0.1
+    with pytest.raises(AttributeError):
+        _ = other.cov.input_rank
+
+
+def test_load_storage_copies_into_the_parameters_after_validation():
+    q = make("kronecker")
+    parameter = q.cov.output_factor
+    with pytest.raises(ValueError, match=r"must have shape \(3, 3\)"):
+        q.cov.load_storage({**q.cov.storage(), "output_factor": torch.zeros(2, 2)})
+    new = {path: torch.ones_like(value) for path, value in q.cov.storage().items()}
+    q.cov.load_storage(new)
+    assert q.cov.output_factor is parameter  # the same nn.Parameter, new values
+    torch.testing.assert_close(parameter.detach(), torch.ones(3, 3, dtype=torch.float64))
+
+
+def test_a_core_covariance_given_to_a_module_belongs_to_it():
+    cov = sc.DiagonalCovariance()
+    st.GaussianParameter({"w": torch.zeros(3)}, cov)
+    with pytest.raises(ValueError, match="already belongs to a GaussianParameter"):
+        st.GaussianParameter({"w": torch.zeros(3)}, cov)
+
+
+def test_core_functions_accept_modules():
+    q = make("diagonal")
+    prior = sc.normal_prior(q, 2.0)
+    assert isinstance(prior, sc.GaussianParameter)
+    torch.testing.assert_close(sc.kl_divergence(q, prior), st.kl_divergence(q, prior))
+    with pytest.raises(TypeError, match="must be a structcov GaussianParameter"):
+        sc.kl_divergence(q.mean["weight"], prior)

@@ -4,6 +4,7 @@ Written once against the Python array API standard; runs on NumPy, CuPy,
 PyTorch and JAX. Importing this package imports no array backend.
 """
 
+from . import functional
 from .covariances import (
     DiagonalCovariance,
     FactorizedCovariance,
@@ -26,6 +27,7 @@ __all__ = [
     "LowRankPlusDiagonalCovariance",
     "__version__",
     "from_dense",
+    "functional",
     "kl_divergence",
     "normal_prior",
 ]

@@ -7,29 +7,62 @@ backend: ``array_api_compat`` recognises arrays by their type's module name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from math import prod
-from typing import Any
+from typing import Any, Protocol
 
 import array_api_compat
 
 __all__ = [
     "Array",
-    "Layout",
     "backend_name",
     "chunks_of",
-    "describe_means",
     "device_of",
     "is_array_api_obj",
     "namespace",
-    "normalize_mean",
     "same_device",
     "to_device",
 ]
 
-#: Arrays are typed loosely: any array of an array-API namespace.
-Array = Any
+
+class Array(Protocol):
+    """An array of an array-API namespace: the part of the standard's array object the
+    core relies on outside namespace calls (shape facts, indexing, arithmetic).
+
+    NumPy, CuPy, torch, JAX, dask and array_api_strict arrays all satisfy it. Results
+    are typed ``Any``: the namespace functions (``xp.matmul``, ...) are untyped, and
+    arithmetic between arrays and Python scalars is not worth a union per operator.
+    """
+
+    @property
+    def shape(self) -> tuple[Any, ...]: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+
+    def __add__(self, other: Any, /) -> Any: ...
+
+    def __radd__(self, other: Any, /) -> Any: ...
+
+    def __sub__(self, other: Any, /) -> Any: ...
+
+    def __rsub__(self, other: Any, /) -> Any: ...
+
+    def __mul__(self, other: Any, /) -> Any: ...
+
+    def __rmul__(self, other: Any, /) -> Any: ...
+
+    def __truediv__(self, other: Any, /) -> Any: ...
+
+    def __rtruediv__(self, other: Any, /) -> Any: ...
+
+    def __pow__(self, other: Any, /) -> Any: ...
+
+    def __neg__(self) -> Any: ...
+
 
 _BACKENDS = (
     ("numpy", array_api_compat.is_numpy_namespace),
@@ -112,7 +145,8 @@ def chunks_of(xp: Any, x: Array) -> tuple[tuple[int, ...], ...] | None:
     """
     if not array_api_compat.is_dask_namespace(xp):
         return None
-    return tuple(tuple(int(c) for c in axis) for axis in x.chunks)
+    chunked: Any = x  # a dask array: ``chunks`` is dask's, not the standard's
+    return tuple(tuple(int(c) for c in axis) for axis in chunked.chunks)
 
 
 def backend_name(xp: Any) -> str:
@@ -121,93 +155,3 @@ def backend_name(xp: Any) -> str:
         if test(xp):
             return name
     return getattr(xp, "__name__", type(xp).__name__)
-
-
-def normalize_mean(mean: Any) -> dict[str, Array | None]:
-    """Turn the ``mean`` argument into an insertion-ordered ``{name: array or None}``.
-
-    A bare array means ``{"mean": array}``.
-    """
-    if isinstance(mean, Mapping):
-        out: dict[str, Array | None] = {}
-        for name, value in mean.items():
-            if not isinstance(name, str):
-                raise TypeError(f"`mean` keys must be strings, got {name!r}")
-            out[name] = value
-        return out
-    if mean is None:
-        raise ValueError("`mean` must be an array or a mapping of names to arrays, got None")
-    return {"mean": mean}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Static description of the flat parameter vector (DESIGN.md §1).
-
-    ``names`` are the participating mean names in insertion order, ``shapes``
-    their shapes. The flat vector is the concatenation of each mean flattened
-    in row-major order; ``offsets[i]:offsets[i] + sizes[i]`` is name ``i``'s slot.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(prod(shape) for shape in self.shapes)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        offsets, total = [], 0
-        for size in self.sizes:
-            offsets.append(total)
-            total += size
-        return tuple(offsets)
-
-    @property
-    def num_params(self) -> int:
-        """P, the length of the flat parameter vector."""
-        return sum(self.sizes)
-
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        return self.shapes[self.names.index(name)]
-
-
-def describe_means(mean_parameters: Any) -> tuple[Layout, Any, Any, Any]:
-    """Validate the means and return ``(layout, xp, dtype, device)``.
-
-    Checks only static facts: at least one non-``None`` entry, one namespace,
-    one real floating dtype, one device.
-    """
-    means = normalize_mean(mean_parameters)
-    present = {name: value for name, value in means.items() if value is not None}
-    if not present:
-        given = "an empty mapping" if not means else f"only None entries {list(means)}"
-        raise ValueError(f"`mean` must contain at least one array, got {given}")
-    for name, value in present.items():
-        if not array_api_compat.is_array_api_obj(value):
-            raise TypeError(
-                f"`mean[{name!r}]` must be an array, got {type(value).__module__}."
-                f"{type(value).__qualname__}"
-            )
-    xp = namespace(*present.values(), argument="`mean` entries")
-    first_name, first = next(iter(present.items()))
-    dtype, device = first.dtype, device_of(first)
-    for name, value in present.items():
-        if not xp.isdtype(value.dtype, "real floating"):
-            raise TypeError(f"`mean[{name!r}]` must have a real floating dtype, got {value.dtype}")
-        if value.dtype != dtype:
-            raise TypeError(
-                f"`mean` entries must share one dtype: `mean[{first_name!r}]` is {dtype}, "
-                f"`mean[{name!r}]` is {value.dtype}"
-            )
-        if not same_device(device_of(value), device):
-            raise ValueError(
-                f"`mean` entries must live on one device: `mean[{first_name!r}]` is on "
-                f"{device}, `mean[{name!r}]` is on {device_of(value)}"
-            )
-    layout = Layout(
-        names=tuple(present),
-        shapes=tuple(tuple(int(d) for d in value.shape) for value in present.values()),
-    )
-    return layout, xp, dtype, device

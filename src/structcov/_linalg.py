@@ -87,7 +87,8 @@ def _chunked_like(xp: Any, x: Array, like: Array) -> Array:
     is not left in the one chunk the solve needed.
     """
     rechunk = getattr(xp, "rechunk", None)
-    return x if rechunk is None else rechunk(x, like.chunks)
+    chunked: Any = like  # only a namespace with ``rechunk`` (dask) gets here with chunks
+    return x if rechunk is None else rechunk(x, chunked.chunks)
 
 
 def logabsdet(xp: Any, a: Array) -> Array:

@@ -23,14 +23,15 @@ Pytree layout (``jax.tree_util.tree_flatten_with_path``):
 - a covariance: its stored arrays in slot order (that of ``cov.storage()``),
   keyed ``DictKey(path)`` with the storage paths of ``cov.lr_scaling``
   (``"factor.weight"``, ``"scale.bias"``, ``"output_factor"``). Its aux data
-  is ``cov._static_state()`` (names, shapes, ranks, ``sample_scale``): hashable,
-  and a change of it retraces ``jax.jit``.
+  is the frozen ``cov.structure`` (layout, clamped ranks, ``sample_scale``) and
+  the constructor's configuration (requested ranks): hashable, and a change of
+  it retraces ``jax.jit``.
 
 So ``keystr(path)`` reads ``['weight']`` for a mean and ``.cov['factor.weight']``
 for a covariance leaf. Leaves never pass through a dict that JAX would sort. The
 order is fixed by the covariance's slots and the tuple of mean names.
 
-Unflattening calls the core's ``_rebuild`` hooks and validates nothing (JAX
+Unflattening rebuilds the objects from those parts and validates nothing (JAX
 passes tracers and placeholder objects). A covariance subclass defined after
 this module was imported needs `register` (it also works as a class decorator).
 
@@ -61,23 +62,30 @@ _GetAttrKey = jax.tree_util.GetAttrKey
 
 
 # ------------------------------------------------------------------ covariances
+def _covariance_aux(cov: StructuredCovariance) -> tuple[Any, ...]:
+    structure = cov.structure  # raises the core's "not initialized" error
+    return structure, tuple(sorted(cov._config().items()))
+
+
 def _covariance_flatten_with_keys(
     cov: StructuredCovariance,
 ) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
-    storage = cov.storage()  # raises the core's "not initialized" error
-    children = [(_DictKey(path), array) for path, array in storage.items()]
-    return children, (cov._static_state(), tuple(storage))
+    aux = _covariance_aux(cov)
+    storage = cov._ops_storage()
+    return [(_DictKey(path), storage[path]) for path in aux[0].paths], aux
 
 
 def _covariance_flatten(cov: StructuredCovariance) -> tuple[list[Any], tuple[Any, ...]]:
-    storage = cov.storage()
-    return list(storage.values()), (cov._static_state(), tuple(storage))
+    aux = _covariance_aux(cov)
+    storage = cov._ops_storage()
+    return [storage[path] for path in aux[0].paths], aux
 
 
 def _covariance_unflatten(cls: type[StructuredCovariance]) -> Callable[..., Any]:
     def unflatten(aux: tuple[Any, ...], leaves: Iterable[Any]) -> Any:
-        static, paths = aux
-        return cls._rebuild(static, dict(zip(paths, leaves, strict=True)))
+        structure, config = aux
+        storage = dict(zip(structure.paths, leaves, strict=True))
+        return cls._from_parts(dict(config), structure, storage)
 
     return unflatten
 
@@ -117,8 +125,8 @@ def register(cls: type[Any]) -> type[Any]:
     Every class of structcov, and every subclass that exists when
     ``structcov.jax`` is imported, is registered already; call this (or use it
     as a class decorator) for a subclass defined later. Registering twice is a
-    no-op. A subclass keeps its stored arrays in its slots (``_slots()``) and
-    everything else in hashable attributes: those become the static aux data.
+    no-op. A subclass's arrays are its structure's slots; its structure and
+    constructor configuration become the static aux data.
 
     Returns ``cls``.
     """
@@ -163,8 +171,8 @@ def _scales_of(node: Any, default: float) -> Any:
     if isinstance(node, GaussianParameter):
         means = {name: 1.0 if participates else None for name, participates in _gaussian_aux(node)}
         return type(node)._rebuild(means, _scales_of(node.cov, default))
-    if isinstance(node, FactorizedCovariance):
-        return type(node)._rebuild(node._static_state(), node.lr_scaling)
+    if isinstance(node, StructuredCovariance):
+        return type(node)._from_parts(node._config(), node.structure, node.lr_scaling)
     return default
 
 

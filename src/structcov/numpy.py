@@ -55,13 +55,8 @@ from typing import IO, Any
 import numpy as np
 
 from ._array_api import Array, backend_name, namespace
-from .covariances import (
-    DiagonalCovariance,
-    FactorizedCovariance,
-    KroneckerCovariance,
-    LowRankCovariance,
-    LowRankPlusDiagonalCovariance,
-)
+from .covariances import FactorizedCovariance, StructuredCovariance
+from .covariances._base import COVARIANCES
 from .gaussian import GaussianParameter
 from .projection import from_dense as posterior_to_structure
 
@@ -75,24 +70,10 @@ FORMAT_VERSION = 1
 _MEAN_PREFIX = "mean/"
 _COV_PREFIX = "cov/"
 
-#: The structures that can be saved: class name -> (class, constructor arguments).
-_STRUCTURES: dict[str, tuple[type[FactorizedCovariance], tuple[str, ...]]] = {
-    "FactorizedCovariance": (FactorizedCovariance, ("rank",)),
-    "LowRankCovariance": (LowRankCovariance, ("rank",)),
-    "DiagonalCovariance": (DiagonalCovariance, ()),
-    "LowRankPlusDiagonalCovariance": (LowRankPlusDiagonalCovariance, ("rank",)),
-    "KroneckerCovariance": (KroneckerCovariance, ("input_rank", "output_rank")),
-}
-#: constructor argument -> the static attribute that keeps it
-_REQUESTED = {
-    "rank": "_requested_rank",
-    "input_rank": "_requested_input_rank",
-    "output_rank": "_requested_output_rank",
-}
-#: static attributes derived from the constructor arguments and the layout
-_DERIVED = frozenset(
-    {"_layout", "_rank", "_input_rank", "_output_rank", "_has_bias", "_d_in", "_d_out"}
-)
+#: The structures that can be saved are those the structure modules register
+#: (`structcov.covariances._base.COVARIANCES`); their constructor arguments are the keys
+#: of ``cov._config()`` (``sample_scale`` is kept apart, as its own metadata field).
+
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -206,37 +187,17 @@ def gaussian(
 
 
 # --------------------------------------------------------------------------- to_dict
-def _constructor_state(cov: FactorizedCovariance) -> tuple[str, dict[str, int | None], Any]:
+def _constructor_state(cov: StructuredCovariance) -> tuple[str, dict[str, int | None], Any]:
     """(structure name, constructor ranks, sample_scale or None) of a saveable ``cov``."""
     name = type(cov).__name__
-    known = _STRUCTURES.get(name)
-    if known is None or type(cov) is not known[0]:
+    if COVARIANCES.get(name) is not type(cov):
         raise TypeError(
-            f"structcov.numpy can save only the structures {sorted(_STRUCTURES)}, got "
+            f"structcov.numpy can save only the structures {sorted(COVARIANCES)}, got "
             f"{type(cov).__module__}.{type(cov).__qualname__}"
         )
-    static = dict(cov._static_state())
-    arguments = known[1]
-    expected = _DERIVED | {_REQUESTED[a] for a in arguments} | {"_requested_rank"}
-    if name == "KroneckerCovariance":
-        expected = expected | {"sample_scale"}
-    unknown = sorted(set(static) - expected)
-    if unknown:
-        raise TypeError(
-            f"structcov.numpy does not know how to save the static attributes {unknown} of "
-            f"{name}; it would lose them (structcov.numpy needs updating)"
-        )
-    ranks = {a: static[_REQUESTED[a]] for a in arguments}
-    sample_scale = None
-    if name == "KroneckerCovariance":
-        value = static["sample_scale"]
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-            raise TypeError(
-                f"`cov.sample_scale` must be a Python or NumPy real number to be saved, got "
-                f"{type(value).__name__}"
-            )
-        sample_scale = float(value)
-    return name, ranks, sample_scale
+    config = cov._config()
+    sample_scale = config.pop("sample_scale", None)
+    return name, config, None if sample_scale is None else float(sample_scale)
 
 
 def to_dict(param: GaussianParameter) -> dict[str, Array]:
@@ -422,9 +383,9 @@ def _parse_metadata(raw: Any) -> _Metadata:
     if set(meta) != fields:
         raise _bad(f"metadata must have the fields {sorted(fields)}, got {sorted(meta)}")
     structure = meta["structure"]
-    if not isinstance(structure, str) or structure not in _STRUCTURES:
-        raise _bad(f"unknown structure {structure!r}: expected one of {sorted(_STRUCTURES)}")
-    arguments = _STRUCTURES[structure][1]
+    if not isinstance(structure, str) or structure not in COVARIANCES:
+        raise _bad(f"unknown structure {structure!r}: expected one of {sorted(COVARIANCES)}")
+    arguments = COVARIANCES[structure]._arguments
     ranks = meta["ranks"]
     if (
         not isinstance(ranks, dict)
@@ -436,7 +397,7 @@ def _parse_metadata(raw: Any) -> _Metadata:
             f"{ranks!r}"
         )
     sample_scale = meta["sample_scale"]
-    if structure == "KroneckerCovariance":
+    if "sample_scale" in COVARIANCES[structure]._settings:
         if type(sample_scale) not in (int, float):
             raise _bad(f"metadata 'sample_scale' must be a number, got {sample_scale!r}")
         sample_scale = float(sample_scale)
@@ -503,14 +464,13 @@ def _rebuild(meta: _Metadata, get: Callable[[str], Any], like: str | None) -> Ga
         raise _bad("the arrays mix NumPy and CuPy: pass like='numpy' or like='cupy'")
     arrays = {key: _move(value, like) for key, value in arrays.items()}
 
-    cls, _ = _STRUCTURES[meta.structure]
+    cls = COVARIANCES[meta.structure]
     mean = {
         name: None if shape is None else arrays[_MEAN_PREFIX + name] for name, shape in meta.means
     }
     try:
         cov = cls(**meta.ranks)
         if meta.sample_scale is not None:
-            assert isinstance(cov, KroneckerCovariance)
             cov.sample_scale = meta.sample_scale
         param = GaussianParameter(mean, cov)
     except (TypeError, ValueError) as error:
@@ -588,9 +548,9 @@ def save(file: PathLike | IO[bytes], param: GaussianParameter, *, compressed: bo
                 f"cannot save the entry {key!r}: a zip archive cannot store a NUL character or "
                 "a lone surrogate in a name (rename the mean)"
             )
-    arrays = {key: _to_host(value) for key, value in arrays.items()}
+    host: dict[str, Any] = {key: _to_host(value) for key, value in arrays.items()}
     writer = np.savez_compressed if compressed else np.savez
-    writer(file, **arrays)
+    writer(file, **host)
 
 
 def _utf8(text: str) -> bool:

@@ -7,29 +7,37 @@ Core code: written against the array API only, so it runs on every backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import _linalg
 from ._array_api import Array, device_of, namespace
 from .covariances import (
-    DiagonalCovariance,
+    Diagonal,
+    Factorized,
     FactorizedCovariance,
-    KroneckerCovariance,
-    LowRankCovariance,
-    LowRankPlusDiagonalCovariance,
+    Kronecker,
+    LowRankPlusDiagonal,
+    Structure,
 )
+from .covariances._base import COVARIANCES
 from .gaussian import GaussianParameter
 
 __all__ = ["from_dense"]
 
-_STRUCTURES = (
-    FactorizedCovariance,
-    LowRankCovariance,
-    DiagonalCovariance,
-    LowRankPlusDiagonalCovariance,
-    KroneckerCovariance,
-)
+#: (xp, structure, sym(Sigma)) -> storage, per structure type
+FromDense = Callable[[Any, Any, Array], dict[str, Array]]
+_FROM_DENSE: dict[type[Structure], FromDense] = {}
+
+
+def register_from_dense(structure_type: type[Structure]) -> Callable[[FromDense], FromDense]:
+    """Register the decorated function as `from_dense` for structures of this exact type."""
+
+    def decorate(function: FromDense) -> FromDense:
+        _FROM_DENSE[structure_type] = function
+        return function
+
+    return decorate
 
 
 def _psd_factor(xp: Any, c: Array, rank: int, *, cholesky: bool = True) -> Array:
@@ -53,10 +61,10 @@ def _symmetric(xp: Any, a: Array) -> Array:
 
 
 def _split_rows(
-    xp: Any, param: GaussianParameter, flat: Array, trailing: tuple[int, ...]
+    xp: Any, structure: Structure, flat: Array, trailing: tuple[int, ...]
 ) -> dict[str, Array]:
     """Rows of ``flat`` (P, *trailing) split per name and shaped ``(*mean.shape, *trailing)``."""
-    layout = param.cov.layout
+    layout = structure.layout
     return {
         name: xp.reshape(flat[offset : offset + size, ...], (*shape, *trailing))
         for name, shape, offset, size in zip(
@@ -65,7 +73,9 @@ def _split_rows(
     }
 
 
-def _kronecker_storage(xp: Any, cov: KroneckerCovariance, sigma: Array) -> dict[str, Array]:
+@register_from_dense(Kronecker)
+def _kronecker_storage(xp: Any, cov: Kronecker, sigma: Array) -> dict[str, Array]:
+    """Van Loan-Pitsianis nearest Kronecker product, then factors of C_out and C_in."""
     layout = cov.layout
     weight_shape = layout.shape_of("weight")
     d_out, d_in = weight_shape[0], math.prod(weight_shape[1:])
@@ -94,7 +104,6 @@ def _kronecker_storage(xp: Any, cov: KroneckerCovariance, sigma: Array) -> dict[
     trace = xp.sum(xp.linalg.diagonal(c_out))
     sign = xp.where(trace < 0, -xp.ones_like(trace), xp.ones_like(trace))
     c_out, c_in = _symmetric(xp, c_out * sign), _symmetric(xp, c_in * sign)
-    assert cov.input_rank is not None and cov.output_rank is not None
     s_out = _psd_factor(xp, c_out, cov.output_rank)
     s_in = _psd_factor(xp, c_in, cov.input_rank)
     if cov.sample_scale != 1.0:
@@ -175,10 +184,9 @@ def from_dense(
     TypeError
         A structure other than structcov's own, or a dtype/library mismatch.
     """
-    if type(structure) not in _STRUCTURES:
+    if COVARIANCES.get(type(structure).__name__) is not type(structure):
         raise TypeError(
-            f"`structure` must be one of {[c.__name__ for c in _STRUCTURES]} (a fresh "
-            "instance), got "
+            f"`structure` must be one of {sorted(COVARIANCES)} (a fresh instance), got "
             f"{type(structure).__module__}.{type(structure).__qualname__}"
         )
     param = GaussianParameter(mean, structure)
@@ -197,34 +205,12 @@ def from_dense(
         )
     sigma = _symmetric(xp, cov_dense)
     cov = param.cov
+    frozen = cov.structure
+    project = _FROM_DENSE.get(type(frozen))
+    if project is None:
+        raise TypeError(f"no from_dense is registered for the structure {type(frozen).__name__}")
     try:
-        if isinstance(cov, DiagonalCovariance):
-            storage = {
-                f"scale.{name}": value
-                for name, value in _split_rows(
-                    xp, param, xp.sqrt(xp.linalg.diagonal(sigma)), ()
-                ).items()
-            }
-        elif isinstance(cov, KroneckerCovariance):
-            storage = _kronecker_storage(xp, cov, sigma)
-        elif isinstance(cov, LowRankPlusDiagonalCovariance):
-            rank = cov.num_factor_columns - num_params  # r, clamped to P
-            u = _psd_factor(xp, sigma, rank, cholesky=False)
-            diagonal = xp.linalg.diagonal(sigma)
-            floor = xp.finfo(sigma.dtype).eps * xp.max(diagonal)
-            residual = diagonal - xp.vecdot(u, u, axis=-1)
-            residual = xp.where(residual > floor, residual, floor * xp.ones_like(residual))
-            storage = {
-                **{f"factor.{n}": v for n, v in _split_rows(xp, param, u, (rank,)).items()},
-                **{
-                    f"scale.{n}": v
-                    for n, v in _split_rows(xp, param, xp.sqrt(residual), ()).items()
-                },
-            }
-        else:
-            rank = cov.num_factor_columns
-            factor = _psd_factor(xp, sigma, rank)
-            storage = {f"factor.{n}": v for n, v in _split_rows(xp, param, factor, (rank,)).items()}
+        storage = project(xp, frozen, sigma)
     except Exception as error:
         # numpy.linalg.LinAlgError, torch.linalg.LinAlgError, ...: named alike, no common base.
         if not type(error).__name__.endswith("LinAlgError"):
@@ -234,3 +220,35 @@ def from_dense(
         ) from None
     cov.load_storage(storage)
     return param
+
+
+@register_from_dense(Diagonal)
+def _diagonal_storage(xp: Any, structure: Diagonal, sigma: Array) -> dict[str, Array]:
+    """Moment matching: scale = sqrt(diag(Sigma))."""
+    rows = _split_rows(xp, structure, xp.sqrt(xp.linalg.diagonal(sigma)), ())
+    return {f"scale.{name}": value for name, value in rows.items()}
+
+
+@register_from_dense(LowRankPlusDiagonal)
+def _low_rank_plus_diagonal_storage(
+    xp: Any, structure: LowRankPlusDiagonal, sigma: Array
+) -> dict[str, Array]:
+    """Rank-r eigen-truncation for U, the residual diagonal (clipped at eps max diag) for d."""
+    rank = structure.rank
+    u = _psd_factor(xp, sigma, rank, cholesky=False)
+    diagonal = xp.linalg.diagonal(sigma)
+    floor = xp.finfo(sigma.dtype).eps * xp.max(diagonal)
+    residual = diagonal - xp.vecdot(u, u, axis=-1)
+    residual = xp.where(residual > floor, residual, floor * xp.ones_like(residual))
+    return {
+        **{f"factor.{n}": v for n, v in _split_rows(xp, structure, u, (rank,)).items()},
+        **{f"scale.{n}": v for n, v in _split_rows(xp, structure, xp.sqrt(residual), ()).items()},
+    }
+
+
+@register_from_dense(Factorized)
+def _factorized_storage(xp: Any, structure: Factorized, sigma: Array) -> dict[str, Array]:
+    """The Cholesky factor at full rank, else the top-rank eigenpairs (Eckart-Young)."""
+    rank = structure.rank
+    factor = _psd_factor(xp, sigma, rank)
+    return {f"factor.{n}": v for n, v in _split_rows(xp, structure, factor, (rank,)).items()}

@@ -8,9 +8,13 @@ covariance storage are ``nn.Parameter`` s with stable names, in insertion order:
   ``cov.scale.bias``, ``cov.input_factor.weight``) and ``cov.<storage>`` for a
   single array (``cov.output_factor``) — the paths of ``cov.lr_scaling``.
 
-Before each operation the core object is pointed at the module's current
-parameters, so ``.to()``, ``load_state_dict``, ``torch.func.functional_call``
-and ``vmap`` over stacked states all see what they expect.
+The module owns its arrays: every operation reads the module's current
+parameters and calls the core's pure functions (`structcov.functional`) with the
+frozen structure (``q.cov.structure``). There is no shared core object to keep in
+sync, so ``.to()``, ``load_state_dict``, ``torch.func.functional_call`` and
+``vmap`` over stacked states all see what they expect. The core covariance passed
+to the constructor gives its structure and current storage (copied into
+``nn.Parameter`` s) and then belongs to this module: use ``q.cov`` afterwards.
 
 Example::
 
@@ -32,8 +36,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from . import functional as _functional
 from . import gaussian as _gaussian
-from .covariances import FactorizedCovariance
+from .covariances import CovarianceMethods, StructuredCovariance
+from .covariances._structure import Storage, Structure
 
 __all__ = ["Covariance", "GaussianParameter", "kl_divergence", "normal_prior", "param_groups"]
 
@@ -71,18 +77,21 @@ class NamedParameters(nn.Module):
         return self._parameters.items()
 
 
-class Covariance(nn.Module):
-    """A core covariance's storage as ``nn.Parameter`` s; everything else is the core's.
+class Covariance(CovarianceMethods, nn.Module):
+    """A covariance's storage as ``nn.Parameter`` s and its frozen structure.
 
-    Attribute access that is not a parameter or submodule (``rank``,
-    ``logdet()``, ``solve(x)``, ``reset_parameters(...)``, ...) goes to the core
-    covariance after pointing it at the current parameters.
+    Parameters are named by storage path (``factor.weight`` is
+    ``self.factor["weight"]``, ``output_factor`` is ``self.output_factor``). The
+    seed API's operations (``rank``, ``logdet()``, ``solve(x)``,
+    ``reset_parameters(...)``, ...) call the core's pure functions with the current
+    parameters.
     """
 
-    def __init__(self, structure: FactorizedCovariance) -> None:
+    def __init__(self, structure: Structure, storage: Storage) -> None:
         super().__init__()
-        self._structure = structure
-        for path, array in structure.storage().items():
+        self._frozen = structure
+        for path in structure.paths:
+            array = cast(torch.Tensor, storage[path])
             attribute, _, name = path.partition(".")
             if name:
                 if attribute not in self._modules:
@@ -90,7 +99,11 @@ class Covariance(nn.Module):
                 self._holder(attribute).register_parameter(name, _as_parameter(array))
             else:
                 self.register_parameter(attribute, _as_parameter(array))
-        self._paths = tuple(structure.storage())
+
+    @property
+    def structure(self) -> Structure:
+        """The frozen structure (layout, clamped ranks, ``sample_scale``)."""
+        return self._frozen
 
     def _holder(self, attribute: str) -> NamedParameters:
         return cast(NamedParameters, self._modules[attribute])
@@ -100,32 +113,75 @@ class Covariance(nn.Module):
         found = self._holder(attribute)[name] if name else self._parameters[attribute]
         return cast(torch.Tensor, found)
 
-    def synced(self) -> FactorizedCovariance:
-        """The core covariance, pointed at this module's current parameters."""
-        self._structure.load_storage({path: self._parameter(path) for path in self._paths})
-        return self._structure
+    def _ops_storage(self) -> Storage:
+        return self.storage()
+
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The parameters by storage path, in slot order (the tensors themselves)."""
+        return {path: self._parameter(path) for path in self._frozen.paths}
+
+    def load_storage(self, arrays: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``arrays`` (path -> tensor, every path once) into the parameters.
+
+        Validated as a whole first (paths, shapes, one namespace, dtype and device).
+        """
+        checked = _functional.check_storage(self._frozen, arrays)
+        with torch.no_grad():
+            for path, value in checked.items():
+                self._parameter(path).copy_(cast(torch.Tensor, value))
 
     def reset_parameters(
         self, mean_parameter_scales: Mapping[str, float] | float = 1.0, generator: Any = None
     ) -> None:
         """Draw new values (see the core ``reset_parameters``), copied into the parameters."""
-        structure = self.synced()
-        structure.reset_parameters(mean_parameter_scales, generator)
+        drawn = _functional.draw_storage(
+            self._frozen, self._ops_storage(), mean_parameter_scales, generator
+        )
         with torch.no_grad():
-            for path, value in structure.storage().items():
-                self._parameter(path).copy_(value)
-        self.synced()
+            for path, value in drawn.items():
+                self._parameter(path).copy_(cast(torch.Tensor, value))
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_"):
-                raise
-        return getattr(self.synced(), name)
+    def _setting(self, key: str) -> Any:
+        config = self._frozen.config()
+        if key not in config:
+            raise AttributeError(f"{type(self._frozen).__name__} has no {key!r}")
+        return config[key]
+
+    @property
+    def rank(self) -> int:
+        """The seed API's ``rank`` (for Kronecker, input_rank * output_rank)."""
+        return cast(int, getattr(self._frozen, "rank"))  # noqa: B009 -- not on every structure
+
+    @property
+    def input_rank(self) -> int:
+        """Kronecker only: the columns of S_in."""
+        return cast(int, self._setting("input_rank"))
+
+    @property
+    def output_rank(self) -> int:
+        """Kronecker only: the columns of S_out."""
+        return cast(int, self._setting("output_rank"))
+
+    @property
+    def sample_scale(self) -> float:
+        """Kronecker only: the float multiplying S; validated when set."""
+        return cast(float, self._setting("sample_scale"))
+
+    @sample_scale.setter
+    def sample_scale(self, value: float) -> None:
+        config = dict(self._frozen.config())
+        if "sample_scale" not in config:
+            raise AttributeError(
+                f"{type(self._frozen).__name__} has no 'sample_scale' (only Kronecker does)"
+            )
+        config["sample_scale"] = value
+        self._frozen = type(self._frozen).build(self._frozen.layout, **config)
+
+    def extra_repr(self) -> str:
+        return repr(self._frozen)
 
 
-class GaussianParameter(nn.Module):
+class GaussianParameter(_gaussian.GaussianMethods, nn.Module):
     """A Gaussian-distributed parameter as an ``nn.Module``: N(mean, cov).
 
     ``forward(sample_shape=(), generator=None)`` is ``sample``, so
@@ -137,13 +193,17 @@ class GaussianParameter(nn.Module):
     mean
         A mapping name -> tensor (or ``None``), or a bare tensor (``{"mean": t}``).
     cov
-        A core covariance structure, e.g. ``structcov.KroneckerCovariance()``;
-        it is initialized for ``mean`` (storage entries zero: call
-        ``param.cov.reset_parameters(scale, generator)``).
+        A core covariance, e.g. ``structcov.KroneckerCovariance()``: it is built for
+        ``mean`` (storage entries zero: call ``param.cov.reset_parameters(scale,
+        generator)``), its arrays become this module's parameters, and it then
+        belongs to this module (it cannot be given to another parameter).
     """
 
-    def __init__(self, mean: Any, cov: FactorizedCovariance) -> None:
-        super().__init__()
+    mean: NamedParameters
+    cov: Covariance
+
+    def __init__(self, mean: Any, cov: StructuredCovariance) -> None:
+        nn.Module.__init__(self)
         core = _gaussian.GaussianParameter(mean, cov)
         dotted = [name for name in core.mean if "." in name or not name]
         if dotted:
@@ -152,66 +212,42 @@ class GaussianParameter(nn.Module):
         for name, value in core.mean.items():
             holder.register_parameter(name, None if value is None else _as_parameter(value))
         self.mean = holder
-        self.cov = Covariance(cov)
-        self._core = core
+        self.cov = Covariance(cov.structure, cov._ops_storage())
 
-    def synced(self) -> _gaussian.GaussianParameter:
-        """The core GaussianParameter, pointed at this module's current parameters."""
-        self._core.mean = dict(self.mean.items())
-        self.cov.synced()
-        return self._core
-
-    # The core's interface, delegated.
     @property
     def names(self) -> tuple[str, ...]:
         """Participating mean names in flat order."""
-        return self._core.names
+        return self.cov.structure.layout.names
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """name -> mean shape."""
-        return self._core.shapes
+        layout = self.cov.structure.layout
+        return dict(zip(layout.names, layout.shapes, strict=True))
 
     @property
     def num_params(self) -> int:
         """P, the length of the flat parameter vector."""
-        return self._core.num_params
+        return self.cov.structure.layout.num_params
 
     def __getitem__(self, name: str) -> nn.Parameter | None:
         return self.mean[name]
 
-    def sample(self, sample_shape: Any = (), generator: Any = None) -> dict[str, torch.Tensor]:
-        """Reparametrised samples ``mean + S z``: name -> ``(*sample_shape, *shape)``."""
-        return self.synced().sample(sample_shape, generator)
-
     def forward(self, sample_shape: Any = (), generator: Any = None) -> dict[str, torch.Tensor]:
-        return self.sample(sample_shape, generator)
-
-    def log_prob(self, value: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """log density of ``value`` (name -> ``(*batch, *shape)``), shape ``(*batch,)``."""
-        return cast(torch.Tensor, self.synced().log_prob(value))
-
-    def entropy(self) -> torch.Tensor:
-        """Differential entropy, a 0-D tensor."""
-        return cast(torch.Tensor, self.synced().entropy())
-
-    def flat_mean(self) -> torch.Tensor:
-        """The mean as one flat vector of shape (P,)."""
-        return cast(torch.Tensor, self.synced().flat_mean())
-
-
-def _core_of(param: Any) -> _gaussian.GaussianParameter:
-    return param.synced() if isinstance(param, GaussianParameter) else param
+        return cast(dict[str, torch.Tensor], self.sample(sample_shape, generator))
 
 
 def kl_divergence(q: Any, p: Any) -> torch.Tensor:
     """KL(q || p) for modules of this adapter or core ``GaussianParameter`` s (see the core)."""
-    return cast(torch.Tensor, _gaussian.kl_divergence(_core_of(q), _core_of(p)))
+    return cast(torch.Tensor, _gaussian.kl_divergence(q, p))
 
 
 def normal_prior(like: Any, scale: Any = 1.0) -> _gaussian.GaussianParameter:
-    """The prior N(0, scale^2 I) over ``like``'s parameters (a core object of tensors)."""
-    return _gaussian.normal_prior(_core_of(like), scale)
+    """The prior N(0, scale^2 I) over ``like``'s parameters (a core object of tensors).
+
+    Build it once and reuse it: it depends only on ``like``'s shapes, dtype and device.
+    """
+    return _gaussian.normal_prior(like, scale)
 
 
 def param_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
@@ -225,7 +261,7 @@ def param_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
     seen: set[int] = set()
     for submodule in module.modules():
         if isinstance(submodule, Covariance):
-            for path, factor in submodule._structure.lr_scaling.items():
+            for path, factor in submodule.lr_scaling.items():
                 parameter = submodule._parameter(path)
                 scaled.setdefault(lr * factor, []).append(parameter)  # type: ignore[arg-type]
                 seen.add(id(parameter))

@@ -1,172 +1,63 @@
-"""Machinery shared by every covariance structure.
+"""The seed API's covariance objects: a frozen structure plus storage, over pure functions.
 
-Every structure is Sigma = S S^T with S of shape (P, K). A structure declares
-its storage as a tuple of `Slot` s (what array lives where, its shape,
-learning-rate scaling and initial standard deviation) and implements
-``_blocks(xp, z)`` (the per-name products ``S_name z``), ``_rblocks(xp, x)``
-(``S^T x``), ``_diagonal_blocks``, ``_logdet`` and ``_solve_blocks``. Everything
-else — validation, storage creation, ``reset_parameters``, ``lr_scaling``, the
-additive constant, flattening, ``matmul = S (S^T x)``, ``to_dense`` — is
-written once here.
+`CovarianceMethods` is the seed API's set of covariance operations (``factor_matmul``,
+``matmul``, ``logdet``, ...) written once over ``self.structure`` (a frozen
+`Structure`) and the storage its holder provides; every method is one call of
+`structcov.functional`. Two holders use it: `StructuredCovariance` here (the core
+objects users build, ``DiagonalCovariance()`` and friends, holding a dict of arrays)
+and ``structcov.torch.Covariance`` (an ``nn.Module`` holding ``nn.Parameter`` s).
+
+A core covariance is built in two steps, as in the seed API: the constructor takes
+the configuration (ranks), and `StructuredCovariance.initialize_parameters` (called by
+``GaussianParameter(mean, cov)``) builds the frozen structure for the means' layout
+and zero storage, atomically. A covariance belongs to one parameter: attaching it to
+a second ``GaussianParameter`` raises.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import operator
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any, ClassVar, TypeVar
 
-from .._array_api import (
-    Array,
-    Layout,
-    chunks_of,
-    describe_means,
-    device_of,
-    is_array_api_obj,
-    namespace,
-    normalize_mean,
-    same_device,
-    to_device,
-)
-from .._random import standard_normals
+from .. import functional as F
+from .._array_api import Array
+from .._layout import Layout, describe_means
+from ._structure import Storage, Structure
 
-__all__ = ["Slot", "StructuredCovariance", "add_into", "check_rank", "total"]
+__all__ = ["COVARIANCES", "CovarianceMethods", "StructuredCovariance", "register_covariance"]
 
 
-def total(parts: Iterable[Array]) -> Array:
-    """The sum of a non-empty sequence of arrays (keeps the first one's namespace)."""
-    return functools.reduce(operator.add, parts)
+class CovarianceMethods:
+    """The covariance operations of the seed API over ``structure`` and ``_ops_storage()``.
 
-
-def add_into(block: Array, other: Array) -> Array:
-    """``block + other``, written into ``block`` where the backend allows it.
-
-    ``block`` must be a new array that nobody else holds (a GEMM output): adding in
-    place saves a pass over it and a temporary of its size. Immutable arrays (JAX)
-    rebind instead; a backend that refuses (torch ``vmap`` with ``other`` batched and
-    ``block`` not) gets the out-of-place sum, which raises again if the add itself is wrong.
+    Holders provide the property ``structure`` and the method ``_ops_storage`` (the
+    current arrays by path, not validated per call); everything here is a thin
+    call of the pure function of the same name in `structcov.functional`.
     """
-    try:
-        block += other
-    except (RuntimeError, TypeError, ValueError):
-        block = block + other
-    return block
-
-
-def _zeros_laid_out_like(
-    xp: Any, shape: tuple[int, ...], mean: Array | None, dtype: Any, device: Any
-) -> Array:
-    """Zeros of ``shape``, split like ``mean`` when ``shape`` is the mean's shape (+ one axis).
-
-    A chunked (dask) or sharded (JAX) mean passes its split on to the storage that
-    extends it (``scale``: the mean's shape; ``factor``: the mean's shape + rank), so
-    the structured operations line up with the means. ``zeros_like`` keeps the
-    layout; broadcasting appends the rank axis whole, and the copy makes it a real
-    array rather than a read-only broadcast view.
-    """
-    if mean is None or tuple(shape[: mean.ndim]) != tuple(mean.shape) or len(shape) > mean.ndim + 1:
-        return xp.zeros(shape, dtype=dtype, device=device)
-    zeros = xp.zeros_like(mean)
-    if len(shape) == mean.ndim:
-        return zeros
-    return xp.asarray(xp.broadcast_to(xp.expand_dims(zeros, axis=-1), shape), copy=True)
-
-
-def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
-    """Validate a rank argument: a positive int (or ``None`` when ``optional``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        expected = "a positive int or None" if optional else "a positive int"
-        raise TypeError(f"`{argument}` must be {expected}, got {value!r}")
-    if value < 1:
-        raise ValueError(f"`{argument}` must be >= 1, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One stored array of a covariance.
-
-    ``attribute`` is the storage attribute (``factor``, ``scale``, ...); ``name`` the
-    mean name it belongs to, or ``None`` for a single array attribute (Kronecker's
-    ``output_factor``). Its initial entries are N(0, std^2) with
-    ``std = mean_parameter_scales[scale_of] * multiplier`` (``scale_of=None``: no scale);
-    with ``random=False`` every entry is set to ``std`` instead.
-    """
-
-    attribute: str
-    name: str | None
-    shape: tuple[int, ...]
-    lr_scaling: float
-    multiplier: float
-    scale_of: str | None
-    random: bool = True
 
     @property
-    def path(self) -> str:
-        return self.attribute if self.name is None else f"{self.attribute}.{self.name}"
-
-
-class StructuredCovariance:
-    """Common base: storage, validation and the ``factor_matmul`` driver.
-
-    Not public; the public base is [`FactorizedCovariance`][structcov.FactorizedCovariance].
-    """
-
-    #: storage attributes holding ``{name: array}`` dicts
-    _dict_attributes: tuple[str, ...] = ()
-    #: storage attributes holding a single array
-    _array_attributes: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self._layout: Layout | None = None
-        self._slot_cache: tuple[Slot, ...] = ()
-        for attribute in self._dict_attributes:
-            setattr(self, attribute, {})
-        for attribute in self._array_attributes:
-            setattr(self, attribute, None)
-
-    # ------------------------------------------------------------------ hooks
-    def _setup(self, layout: Layout) -> None:
-        """Validate the layout for this structure and fix the static ranks."""
+    def structure(self) -> Structure:
+        """The frozen structure (layout, ranks) of this covariance."""
         raise NotImplementedError
 
-    def _slots(self) -> tuple[Slot, ...]:
-        """The stored arrays, in a fixed order."""
+    def _ops_storage(self) -> Storage:
         raise NotImplementedError
 
-    def _blocks(self, xp: Any, z: Array) -> list[Array]:
-        """``S_name z`` for each name in layout order: ``z`` is (B, K), each block (B, n).
+    # ------------------------------------------------------------ static facts
+    @property
+    def layout(self) -> Layout:
+        """Names, shapes and offsets of the flat parameter vector."""
+        return self.structure.layout
 
-        Each block must be a new array, not a view of ``z`` or of the storage:
-        ``factor_matmul`` adds the mean into it in place.
-        """
-        raise NotImplementedError
+    @property
+    def num_params(self) -> int:
+        """P, the length of the flat parameter vector."""
+        return self.structure.layout.num_params
 
     @property
     def num_factor_columns(self) -> int:
         """K, the number of columns of the sampling factor S (standard normals per sample)."""
-        raise NotImplementedError
-
-    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
-        """``S^T x`` of shape (B, K) from the per-name blocks ``x`` (each (B, n))."""
-        raise NotImplementedError
-
-    def _diagonal_blocks(self, xp: Any) -> list[Array]:
-        """The diagonal of Sigma per name, each of shape (n,)."""
-        raise NotImplementedError
-
-    def _logdet(self, xp: Any) -> Array:
-        """log det Sigma of a full-rank structure, a 0-D array."""
-        raise NotImplementedError
-
-    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
-        """``Sigma^-1 x`` per name for a full-rank structure, blocks of shape (B, n)."""
-        raise NotImplementedError
+        return self.structure.num_factor_columns
 
     @property
     def is_singular(self) -> bool:
@@ -175,196 +66,14 @@ class StructuredCovariance:
         A static fact of the structure and its ranks; a full-rank structure whose
         stored values happen to be degenerate is not detected here.
         """
-        raise NotImplementedError
-
-    _singular_advice = "use LowRankPlusDiagonalCovariance or a full-rank structure"
-
-    # ------------------------------------------------------------ properties
-    @property
-    def layout(self) -> Layout:
-        """Names, shapes and offsets of the flat parameter vector."""
-        if self._layout is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has not been initialized: call "
-                "initialize_parameters(mean) first, or pass it to GaussianParameter(mean, cov)"
-            )
-        return self._layout
-
-    @property
-    def num_params(self) -> int:
-        """P, the length of the flat parameter vector."""
-        return self.layout.num_params
+        return self.structure.is_singular
 
     @property
     def lr_scaling(self) -> dict[str, float]:
         """Learning-rate scaling per storage path (``"factor.weight"``, ``"output_factor"``)."""
-        return {slot.path: slot.lr_scaling for slot in self._slots_checked()}
+        return self.structure.lr_scaling
 
-    def _slots_checked(self) -> tuple[Slot, ...]:
-        # Built once at initialization, not lazily: a first-call cache write breaks
-        # torch.compile tracing, and rebuilding Slot objects per call is measurable at small P.
-        if not self._slot_cache:
-            self.layout  # noqa: B018 -- raises the "not initialized" error
-        return self._slot_cache
-
-    def _get(self, slot: Slot) -> Array:
-        stored = getattr(self, slot.attribute)
-        return stored if slot.name is None else stored[slot.name]
-
-    def _set(self, slot: Slot, value: Array) -> None:
-        if slot.name is None:
-            setattr(self, slot.attribute, value)
-        else:
-            getattr(self, slot.attribute)[slot.name] = value
-
-    def _reference_array(self) -> Array:
-        """A stored array whose namespace, dtype and device the outputs take."""
-        return self._get(self._slots_checked()[0])
-
-    def _static_state(self) -> tuple[tuple[str, Any], ...]:
-        """Everything but the stored arrays, as a sorted hashable tuple.
-
-        For adapters: JAX pytree aux data, serialisation. Equal structures with
-        equal ranks and layouts give equal tuples.
-        """
-        # The slot cache is derived from the rest, so it is rebuilt rather than carried.
-        skip = {*self._dict_attributes, *self._array_attributes, "_slot_cache"}
-        return tuple(sorted((k, v) for k, v in vars(self).items() if k not in skip))
-
-    @classmethod
-    def _rebuild(cls, static: tuple[tuple[str, Any], ...], arrays: Mapping[str, Any]) -> Any:
-        """A covariance with ``static`` state and ``arrays`` (path -> array), not validated.
-
-        The inverse of ``(_static_state(), storage())``. Leaves may be anything
-        (JAX passes tracers or placeholders when it rebuilds a pytree).
-        """
-        rebuilt = cls.__new__(cls)
-        for key, value in static:
-            setattr(rebuilt, key, value)
-        for attribute in cls._dict_attributes:
-            setattr(rebuilt, attribute, {})
-        for attribute in cls._array_attributes:
-            setattr(rebuilt, attribute, None)
-        rebuilt._slot_cache = rebuilt._slots()
-        for slot in rebuilt._slot_cache:
-            rebuilt._set(slot, arrays[slot.path])
-        return rebuilt
-
-    def storage(self) -> dict[str, Array]:
-        """The stored arrays by path (``"factor.weight"``, ``"output_factor"``), in a fixed order.
-
-        The paths are those of `lr_scaling`. The arrays are the stored ones,
-        not copies.
-        """
-        return {slot.path: self._get(slot) for slot in self._slots_checked()}
-
-    def load_storage(self, arrays: Mapping[str, Array]) -> None:
-        """Replace the stored arrays by ``arrays`` (path -> array, every path once).
-
-        Each array must have its slot's shape; namespace, dtype and device are the
-        caller's choice (e.g. to move a covariance to another backend).
-        """
-        slots = self._slots_checked()
-        paths = [slot.path for slot in slots]
-        if set(arrays) != set(paths):
-            raise ValueError(f"`arrays` must have the keys {paths}, got {list(arrays)}")
-        for slot in slots:
-            value = arrays[slot.path]
-            if tuple(value.shape) != slot.shape:
-                raise ValueError(
-                    f"`arrays[{slot.path!r}]` must have shape {slot.shape}, "
-                    f"got {tuple(value.shape)}"
-                )
-        for slot in slots:
-            self._set(slot, arrays[slot.path])
-
-    # -------------------------------------------------------- initialization
-    def initialize_parameters(self, mean_parameters: Any) -> None:
-        """Create the covariance storage for the given means (entries set to zero).
-
-        ``mean_parameters`` is a mapping name -> array (``None`` entries take no
-        part) or a bare array (``{"mean": array}``). Storage takes the means'
-        namespace, dtype and device. Call `reset_parameters` to draw
-        initial values; [`GaussianParameter`][structcov.GaussianParameter] calls this for you.
-        """
-        layout, xp, dtype, device = describe_means(mean_parameters)
-        self._setup(layout)
-        self._layout = layout
-        self._slot_cache = self._slots()
-        for attribute in self._dict_attributes:
-            setattr(self, attribute, {})
-        means = normalize_mean(mean_parameters)
-        for slot in self._slot_cache:
-            mean = means.get(slot.name) if slot.name is not None else None
-            self._set(slot, _zeros_laid_out_like(xp, slot.shape, mean, dtype, device))
-
-    def reset_parameters(
-        self,
-        mean_parameter_scales: Mapping[str, float] | float = 1.0,
-        generator: Any = None,
-    ) -> None:
-        """Draw new covariance parameters: entries N(0, std^2), std by structure.
-
-        ``mean_parameter_scales`` is one float for every mean, or a mapping mean
-        name -> float. The structure-specific std is documented on each class
-        (e.g. ``scale / sqrt(rank)`` for factors). ``generator`` is the backend
-        generator (see `structcov._random`); the same state gives the same
-        parameters.
-        """
-        slots = self._slots_checked()
-        scales = self._scales(mean_parameter_scales)
-        reference = self._reference_array()
-        xp = namespace(reference)
-        dtype, device = reference.dtype, device_of(reference)
-        random_slots = [slot for slot in slots if slot.random]
-        draws = dict(
-            zip(
-                [slot.path for slot in random_slots],
-                standard_normals(
-                    generator,
-                    [s.shape for s in random_slots],
-                    xp=xp,
-                    dtype=dtype,
-                    device=device,
-                    # dask: keep each stored array's chunks (laid out like the means).
-                    chunks=[chunks_of(xp, self._get(s)) for s in random_slots],
-                ),
-                strict=True,
-            )
-        )
-        for slot in slots:
-            std = slot.multiplier * (1.0 if slot.scale_of is None else scales[slot.scale_of])
-            if slot.random:
-                # Back where the stored array was (a sharded JAX array: its sharding; the
-                # draw itself is whole). Elsewhere a no-op: the draw is made on that device.
-                placed = to_device(draws[slot.path], device_of(self._get(slot)))
-                self._set(slot, placed * std)
-            else:
-                self._set(slot, xp.full_like(self._get(slot), std))  # keeps the layout
-
-    def _scales(self, mean_parameter_scales: Mapping[str, float] | float) -> dict[str, float]:
-        names = self.layout.names
-        if isinstance(mean_parameter_scales, Mapping):
-            unknown = sorted(set(mean_parameter_scales) - set(names))
-            missing = [name for name in names if name not in mean_parameter_scales]
-            if unknown or missing:
-                raise ValueError(
-                    f"`mean_parameter_scales` must have the keys {list(names)}, got "
-                    f"{list(mean_parameter_scales)}"
-                )
-            scales = {name: mean_parameter_scales[name] for name in names}
-        else:
-            scales = dict.fromkeys(names, mean_parameter_scales)
-        for name, value in scales.items():
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"`mean_parameter_scales` must be finite non-negative floats, got {value!r} "
-                    f"for {name!r}"
-                )
-        return {name: float(value) for name, value in scales.items()}
-
-    # ------------------------------------------------------------ products
+    # ------------------------------------------------------------ operations
     def factor_matmul(
         self, input: Array, /, additive_constant: Array | Mapping[str, Array] | None = None
     ) -> dict[str, Array]:
@@ -385,184 +94,31 @@ class StructuredCovariance:
             name -> array of shape ``(*batch, *mean.shape)``: ``m + S z`` split per
             name. With ``input = eye(K)`` the result holds the columns of S.
         """
-        layout = self.layout
-        reference = self._reference_array()
-        xp = namespace(input, reference, argument="`input` and the covariance parameters")
-        num_columns = self.num_factor_columns
-        if input.ndim < 1 or input.shape[-1] != num_columns:
-            raise ValueError(
-                f"`input` must have last dimension {num_columns} (the number of factor "
-                f"columns K), got shape {tuple(input.shape)}"
-            )
-        if input.dtype != reference.dtype:
-            raise TypeError(
-                f"`input` must have the covariance parameters' dtype {reference.dtype}, got "
-                f"{input.dtype}"
-            )
-        self._check_device(input, reference, "`input`")
-        constants = self._split_constant(xp, additive_constant, input)
-        batch = tuple(input.shape[:-1])
-        z = input if input.ndim == 2 else xp.reshape(input, (math.prod(batch), num_columns))
-        out = {}
-        for name, shape, block, constant in zip(
-            layout.names, layout.shapes, self._blocks(xp, z), constants, strict=True
-        ):
-            if constant is not None:
-                block = add_into(block, constant)  # the block is new (see `_blocks`)
-            out[name] = xp.reshape(block, (*batch, *shape))
-        return out
+        return F.factor_matmul(self.structure, self._ops_storage(), input, additive_constant)
 
-    def _split_constant(
-        self, xp: Any, constant: Array | Mapping[str, Array] | None, reference: Array
-    ) -> list[Array | None]:
-        dtype = reference.dtype
-        layout = self.layout
-        if constant is None:
-            return [None] * len(layout.names)
-        if isinstance(constant, Mapping):
-            present = {k: v for k, v in constant.items() if v is not None}
-            if set(present) != set(layout.names):
-                raise ValueError(
-                    f"`additive_constant` must have the keys {list(layout.names)}, got "
-                    f"{list(present)}"
-                )
-            parts = []
-            for name, shape in zip(layout.names, layout.shapes, strict=True):
-                value = present[name]
-                if tuple(value.shape) != shape:
-                    raise ValueError(
-                        f"`additive_constant[{name!r}]` must have shape {shape}, got "
-                        f"{tuple(value.shape)}"
-                    )
-                namespace(value, reference, argument=f"`additive_constant[{name!r}]` and `input`")
-                self._check_dtype(value, dtype, f"`additive_constant[{name!r}]`")
-                self._check_device(value, reference, f"`additive_constant[{name!r}]`")
-                parts.append(xp.reshape(value, (-1,)))
-            return parts
-        if not is_array_api_obj(constant):
-            raise TypeError(
-                "`additive_constant` must be an array of shape (P,) or a mapping name -> array, "
-                f"got {type(constant).__name__}"
-            )
-        if constant.ndim != 1 or constant.shape[0] != layout.num_params:
-            raise ValueError(
-                f"`additive_constant` must have shape ({layout.num_params},) (P, the number of "
-                f"parameters), got {tuple(constant.shape)}"
-            )
-        namespace(constant, reference, argument="`additive_constant` and `input`")
-        self._check_dtype(constant, dtype, "`additive_constant`")
-        self._check_device(constant, reference, "`additive_constant`")
-        return [
-            constant[offset : offset + size]
-            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
-        ]
-
-    @staticmethod
-    def _check_device(value: Array, reference: Array, argument: str) -> None:
-        # A traced JAX array has no device (None): only compare two known devices.
-        device, expected = device_of(value), device_of(reference)
-        if device is not None and expected is not None and not same_device(device, expected):
-            raise ValueError(f"{argument} must be on the device {expected}, got {device}")
-
-    @staticmethod
-    def _check_dtype(value: Array, dtype: Any, argument: str) -> None:
-        if value.dtype != dtype:
-            raise TypeError(
-                f"{argument} must have the covariance parameters' dtype {dtype}, got {value.dtype}"
-            )
-
-    # ------------------------------------------------- flat vectors and algebra
-    def flatten(self, values: Mapping[str, Array]) -> Array:
-        """Concatenate ``values`` (name -> ``(*batch, *shape)``) into ``(*batch, P)``.
-
-        The flat parameter order: names in insertion order, each row-major. Costs
-        one copy of size ``batch * P``.
-        """
-        layout = self.layout
-        present = {k: v for k, v in values.items() if v is not None}
-        if set(present) != set(layout.names):
-            raise ValueError(
-                f"`values` must have the keys {list(layout.names)}, got {list(present)}"
-            )
-        first = present[layout.names[0]]
-        batch = tuple(first.shape[: first.ndim - len(layout.shapes[0])])
-        parts = []
-        for name, shape in zip(layout.names, layout.shapes, strict=True):
-            value = present[name]
-            if tuple(value.shape) != (*batch, *shape):
-                raise ValueError(
-                    f"`values[{name!r}]` must have shape {(*batch, *shape)} (batch {batch}, then "
-                    f"the mean's shape), got {tuple(value.shape)}"
-                )
-            parts.append(value)
-        xp = namespace(*parts, argument="`values`")
-        return xp.concat([xp.reshape(v, (*batch, -1)) for v in parts], axis=-1)
-
-    def unflatten(self, x: Array) -> dict[str, Array]:
-        """Split ``x`` of shape ``(*batch, P)`` into name -> ``(*batch, *shape)`` (views)."""
-        layout = self.layout
-        xp = namespace(x, argument="`x`")
-        self._check_flat(x, "x")
-        batch = tuple(x.shape[:-1])
-        return {
-            name: xp.reshape(x[..., offset : offset + size], (*batch, *shape))
-            for name, shape, offset, size in zip(
-                layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True
-            )
-        }
-
-    def _check_flat(self, x: Array, argument: str) -> None:
-        num_params = self.layout.num_params
-        if x.ndim < 1 or x.shape[-1] != num_params:
-            raise ValueError(
-                f"`{argument}` must have last dimension {num_params} (P, the number of "
-                f"parameters), got shape {tuple(x.shape)}"
-            )
-
-    def _flat_blocks(self, x: Array, argument: str) -> tuple[Any, tuple[int, ...], list[Array]]:
-        """Validate ``x`` of shape (*batch, P); return ``(xp, batch, blocks)``, blocks (B, n)."""
-        layout = self.layout
-        reference = self._reference_array()
-        xp = namespace(x, reference, argument=f"`{argument}` and the covariance parameters")
-        self._check_flat(x, argument)
-        self._check_dtype(x, reference.dtype, f"`{argument}`")
-        self._check_device(x, reference, f"`{argument}`")
-        batch = tuple(x.shape[:-1])
-        x2 = x if x.ndim == 2 else xp.reshape(x, (math.prod(batch), layout.num_params))
-        blocks = [
-            x2[:, offset : offset + size]
-            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
-        ]
-        return xp, batch, blocks
-
-    @staticmethod
-    def _assemble(xp: Any, blocks: list[Array], batch: tuple[int, ...]) -> Array:
-        flat = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
-        return xp.reshape(flat, (*batch, flat.shape[1]))
+    def factor_rmatmul(self, x: Array) -> Array:
+        """S^T x for ``x`` of shape ``(*batch, P)``; returns ``(*batch, K)``."""
+        return F.factor_rmatmul(self.structure, self._ops_storage(), x)
 
     def matmul(self, x: Array) -> Array:
         """Sigma x for ``x`` of shape ``(*batch, P)``; returns ``(*batch, P)``.
 
-        Computed as S (S^T x): O(B P K) for factor structures, O(B P) for the
-        diagonal, two small GEMMs per side for Kronecker. Never forms Sigma.
+        Computed from the factors (S (S^T x), or the structure's cheaper form: see
+        each class); never forms Sigma.
         """
-        xp, batch, blocks = self._flat_blocks(x, "x")
-        return self._assemble(xp, self._blocks(xp, self._rblocks(xp, blocks)), batch)
+        return F.matmul(self.structure, self._ops_storage(), x)
 
     def diagonal(self) -> Array:
         """The marginal variances diag(Sigma), shape ``(P,)``, in the flat order. O(P K)."""
-        xp = namespace(self._reference_array())
-        blocks = self._diagonal_blocks(xp)
-        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+        return F.diagonal(self.structure, self._ops_storage())
 
     def variances(self) -> dict[str, Array]:
         """The marginal variances per name, shaped like the means (``unflatten(diagonal())``)."""
         return self.unflatten(self.diagonal())
 
     def trace(self) -> Array:
-        """tr Sigma = sum of the marginal variances, a 0-D array. O(P K)."""
-        xp = namespace(self._reference_array())
-        return total(xp.sum(block) for block in self._diagonal_blocks(xp))
+        """tr Sigma = sum of the marginal variances, a 0-D array."""
+        return F.trace(self.structure, self._ops_storage())
 
     def logdet(self) -> Array:
         """log det Sigma, a 0-D array; ``-inf`` for a singular structure (see `is_singular`).
@@ -570,11 +126,7 @@ class StructuredCovariance:
         The identity used is on each class (2 log|det S|, the matrix determinant
         lemma, the Kronecker mixed-product rule). Never forms S S^T.
         """
-        reference = self._reference_array()
-        xp = namespace(reference)
-        if self.is_singular:
-            return xp.full((), -math.inf, dtype=reference.dtype, device=device_of(reference))
-        return self._logdet(xp)
+        return F.logdet(self.structure, self._ops_storage())
 
     def solve(self, x: Array) -> Array:
         """Sigma^-1 x for ``x`` of shape ``(*batch, P)``; returns ``(*batch, P)``.
@@ -583,22 +135,7 @@ class StructuredCovariance:
         identity used is on each class (square factor solves, Woodbury,
         Kronecker factor solves). Never forms or factorises S S^T.
         """
-        if self.is_singular:
-            raise ValueError(
-                f"{self!r} is singular (rank {self.num_factor_columns} < P = {self.num_params}), "
-                f"so it has no inverse: {self._singular_advice}"
-            )
-        xp, batch, blocks = self._flat_blocks(x, "x")
-        return self._assemble(xp, self._solve_blocks(xp, blocks), batch)
-
-    def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
-        """0.5 (tr(V^-1 Sigma) - P + log det V - log det Sigma) for V = diag(variances).
-
-        The covariance part of KL(N(., Sigma) || N(., V)); structures override it
-        with a sum of well-scaled terms where they can (float32).
-        """
-        ratio = xp.sum(self.diagonal() / variances)
-        return 0.5 * (ratio - self.num_params + xp.sum(xp.log(variances)) - self.logdet())
+        return F.solve(self.structure, self._ops_storage(), x)
 
     def to_dense(self) -> Array:
         """The dense covariance Sigma = S S^T, shape (P, P), in the flat parameter order.
@@ -606,20 +143,245 @@ class StructuredCovariance:
         Cost: O(P^2 K) time, O(P^2 + P K) memory. The only operation that builds
         a P x P matrix; meant for tests and small problems.
         """
-        reference = self._reference_array()
-        xp = namespace(reference)
-        num_columns = self.num_factor_columns
-        eye = xp.eye(num_columns, dtype=reference.dtype, device=device_of(reference))
-        columns = self.factor_matmul(eye)  # name -> (K, *shape): row k is column k of S
-        factor_t = xp.concat(
-            [xp.reshape(columns[name], (num_columns, -1)) for name in self.layout.names], axis=1
-        )
-        return xp.matmul(xp.matrix_transpose(factor_t), factor_t)
+        return F.to_dense(self.structure, self._ops_storage())
+
+    def flatten(self, values: Mapping[str, Array]) -> Array:
+        """Concatenate ``values`` (name -> ``(*batch, *shape)``) into ``(*batch, P)``.
+
+        The flat parameter order: names in insertion order, each row-major. Costs
+        one copy of size ``batch * P``.
+        """
+        return F.flatten(self.structure, values)
+
+    def unflatten(self, x: Array) -> dict[str, Array]:
+        """Split ``x`` of shape ``(*batch, P)`` into name -> ``(*batch, *shape)`` (views)."""
+        return F.unflatten(self.structure, x)
+
+
+class _SlotView(MutableMapping[str, Array]):
+    """``cov.factor`` and friends: the arrays of one storage attribute by mean name.
+
+    Reads the covariance's current storage; an assignment replaces one array after
+    validating it with the rest (`structcov.functional.check_storage`), so a wrong
+    shape, dtype or library is refused and nothing changes.
+    """
+
+    def __init__(self, owner: StructuredCovariance, attribute: str) -> None:
+        self._owner = owner
+        self._attribute = attribute
+
+    def _path(self, name: str) -> str:
+        return f"{self._attribute}.{name}"
+
+    def _names(self) -> tuple[str, ...]:
+        structure = self._owner._structure
+        if structure is None:
+            return ()
+        return tuple(s.name for s in structure.slots if s.attribute == self._attribute and s.name)
+
+    def __getitem__(self, name: str) -> Array:
+        if name not in self._names():
+            raise KeyError(name)
+        return self._owner._storage[self._path(name)]
+
+    def __setitem__(self, name: str, value: Array) -> None:
+        if name not in self._names():
+            raise KeyError(f"{self._attribute!r} has the names {list(self._names())}, got {name!r}")
+        self._owner._replace({self._path(name): value})
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"`{self._attribute}` entries cannot be deleted")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
     def __repr__(self) -> str:
-        if self._layout is None:
-            return f"{type(self).__name__}(uninitialized)"
-        return (
-            f"{type(self).__name__}(P={self._layout.num_params}, "
-            f"K={self.num_factor_columns}, names={list(self._layout.names)})"
+        return repr(dict(self.items()))
+
+
+class StructuredCovariance(CovarianceMethods):
+    """Common base of the core covariance objects: configuration, structure and storage.
+
+    Not public; the public base is [`FactorizedCovariance`][structcov.FactorizedCovariance].
+    Subclasses set ``_structure_type`` and keep their constructor arguments in
+    `_config` (the arguments of ``_structure_type.build``).
+    """
+
+    #: the frozen structure this covariance builds
+    _structure_type: ClassVar[type[Structure]]
+    #: the constructor's arguments (each kept as ``_requested_<argument>``)
+    _arguments: ClassVar[tuple[str, ...]] = ()
+    #: settings changed after construction, passed to ``build`` too (``sample_scale``)
+    _settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_structure", None)
+        object.__setattr__(self, "_storage", {})
+        object.__setattr__(self, "_attached", False)
+
+    # ------------------------------------------------------------ configuration
+    def _config(self) -> dict[str, Any]:
+        """The arguments of ``build`` as given (requested ranks, not clamped; settings)."""
+        return {key: getattr(self, f"_requested_{key}") for key in self._arguments + self._settings}
+
+    @property
+    def structure(self) -> Structure:
+        """The frozen structure (layout and clamped ranks); set by `initialize_parameters`."""
+        structure: Structure | None = self._structure
+        if structure is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has not been initialized: call "
+                "initialize_parameters(mean) first, or pass it to GaussianParameter(mean, cov)"
+            )
+        return structure
+
+    def _ops_storage(self) -> Storage:
+        self.structure  # noqa: B018 -- raises the "not initialized" error
+        storage: Storage = self._storage
+        return storage
+
+    def _set_structure(self, structure: Structure) -> None:
+        """Replace the structure by one with the same slots (e.g. a new ``sample_scale``)."""
+        object.__setattr__(self, "_structure", structure)
+
+    @classmethod
+    def _from_parts(
+        cls, config: Mapping[str, Any], structure: Structure | None, storage: Mapping[str, Any]
+    ) -> Any:
+        """A covariance from its parts, not validated (adapters: JAX passes tracers and
+        placeholders, `lr_scaling_tree` floats)."""
+        rebuilt = cls.__new__(cls)
+        StructuredCovariance.__init__(rebuilt)
+        for key, value in config.items():
+            object.__setattr__(rebuilt, f"_requested_{key}", value)
+        object.__setattr__(rebuilt, "_structure", structure)
+        object.__setattr__(rebuilt, "_storage", dict(storage))
+        object.__setattr__(rebuilt, "_attached", structure is not None)
+        return rebuilt
+
+    # ------------------------------------------------------------ storage
+    def storage(self) -> dict[str, Array]:
+        """The stored arrays by path (``"factor.weight"``, ``"output_factor"``), in slot order.
+
+        The paths are those of `lr_scaling`. The arrays are the stored ones,
+        not copies; the dict is new (changing it changes nothing here).
+        """
+        return dict(self._ops_storage())
+
+    def load_storage(self, arrays: Mapping[str, Array]) -> None:
+        """Replace the stored arrays by ``arrays`` (path -> array, every path once).
+
+        Validated as a whole (paths, shapes, one namespace, dtype and device) before
+        anything changes. The namespace may differ from the current one (e.g. to
+        move a covariance to another backend).
+        """
+        object.__setattr__(self, "_storage", F.check_storage(self.structure, arrays))
+
+    def _replace(self, arrays: Mapping[str, Array]) -> None:
+        """Replace some stored arrays, validating the result as a whole."""
+        new = dict(self._ops_storage())
+        new.update(arrays)
+        self.load_storage(new)
+
+    def __getattr__(self, name: str) -> Any:
+        # Storage attributes (``factor``, ``scale``, ``input_factor``, ``output_factor``).
+        structure_type = getattr(type(self), "_structure_type", None)
+        if structure_type is not None and not name.startswith("_"):
+            if name in structure_type.dict_attributes:
+                return _SlotView(self, name)
+            if name in structure_type.array_attributes:
+                return self._storage.get(name) if self._structure is not None else None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        structure_type = getattr(type(self), "_structure_type", None)
+        if structure_type is not None and name in structure_type.array_attributes:
+            self._replace({name: value})
+        elif structure_type is not None and name in structure_type.dict_attributes:
+            raise AttributeError(
+                f"`{name}` cannot be replaced as a whole: set its entries "
+                f"(cov.{name}[name] = array) or call load_storage"
+            )
+        else:
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------ initialization
+    def initialize_parameters(self, mean_parameters: Any) -> None:
+        """Build the structure for the given means and zero storage (atomically).
+
+        ``mean_parameters`` is a mapping name -> array (``None`` entries take no
+        part) or a bare array (``{"mean": array}``). Storage takes the means'
+        namespace, dtype, device and layout. Call `reset_parameters` to draw
+        initial values; [`GaussianParameter`][structcov.GaussianParameter] calls this for you.
+        On any error nothing changes. A covariance that belongs to a parameter can
+        only be re-initialized for means of the same layout.
+        """
+        layout = describe_means(mean_parameters)[0]
+        structure = self._structure_type.build(layout, **self._config())
+        if self._attached and self._structure is not None and structure != self._structure:
+            raise ValueError(
+                f"this {type(self).__name__} belongs to a GaussianParameter with the layout "
+                f"{_describe(self._structure.layout)}; it cannot be re-initialized for "
+                f"{_describe(layout)} (create a new covariance)"
+            )
+        storage = F.zeros_storage(structure, mean_parameters)
+        object.__setattr__(self, "_structure", structure)
+        object.__setattr__(self, "_storage", storage)
+
+    def _attach(self, mean_parameters: Any) -> None:
+        """Initialize for ``mean_parameters`` and record that a parameter owns this covariance."""
+        if self._attached:
+            raise ValueError(
+                f"this {type(self).__name__} already belongs to a GaussianParameter (over "
+                f"{_describe(self.structure.layout)}): a covariance belongs to one parameter; "
+                f"create a new one for each parameter, e.g. {type(self).__name__}(...) again"
+            )
+        self.initialize_parameters(mean_parameters)
+        object.__setattr__(self, "_attached", True)
+
+    def reset_parameters(
+        self,
+        mean_parameter_scales: Mapping[str, float] | float = 1.0,
+        generator: Any = None,
+    ) -> None:
+        """Draw new covariance parameters: entries N(0, std^2), std by structure.
+
+        ``mean_parameter_scales`` is one float for every mean, or a mapping mean
+        name -> float. The structure-specific std is documented on each class
+        (e.g. ``scale / sqrt(rank)`` for factors). ``generator`` is the backend
+        generator (see `structcov._random`); the same state gives the same
+        parameters.
+        """
+        drawn = F.draw_storage(
+            self.structure, self._ops_storage(), mean_parameter_scales, generator
         )
+        object.__setattr__(self, "_storage", drawn)
+
+    def __repr__(self) -> str:
+        if self._structure is None:
+            return f"{type(self).__name__}(uninitialized)"
+        structure = self._structure
+        return (
+            f"{type(self).__name__}(P={structure.num_params}, "
+            f"K={structure.num_factor_columns}, names={list(structure.layout.names)})"
+        )
+
+
+def _describe(layout: Layout) -> str:
+    return str(dict(zip(layout.names, layout.shapes, strict=True)))
+
+
+#: class name -> public covariance class, one entry per class a structure module
+#: registers: what checkpoints and `from_dense` know how to rebuild.
+COVARIANCES: dict[str, type[StructuredCovariance]] = {}
+
+_C = TypeVar("_C", bound=type[StructuredCovariance])
+
+
+def register_covariance(cls: _C) -> _C:
+    """Register a public covariance class by name (a class decorator; returns ``cls``)."""
+    COVARIANCES[cls.__name__] = cls
+    return cls

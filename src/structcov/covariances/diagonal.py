@@ -2,15 +2,141 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, final
 
-from .._array_api import Array, Layout
-from ._base import Slot, total
+from .._array_api import Array
+from .._layout import Layout
+from ._base import StructuredCovariance, register_covariance
+from ._kl import register_kl
+from ._structure import Slot, Storage, Structure, logdet_of, total
 from .factorized import FactorizedCovariance
 
-__all__ = ["DiagonalCovariance"]
+__all__ = ["Diagonal", "DiagonalCovariance"]
 
 
+@final
+@dataclass(frozen=True, repr=False)
+class Diagonal(Structure):
+    """Sigma = diag(s^2), S = diag(s), K = P; stored as ``scale.<name>`` (mean-shaped).
+
+    Every operation is one elementwise pass: O(B P) for products and solves, O(P)
+    for the diagonal, trace and ``logdet = 2 sum log|s|``. ``prepare`` has nothing
+    to set up.
+    """
+
+    _scales: tuple[tuple[str, int, int], ...] = field(init=False, repr=False, compare=False)
+
+    dict_attributes = ("scale",)
+    noise_per_parameter = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        layout = self.layout
+        scales = tuple(
+            (f"scale.{name}", offset, size)
+            for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
+        )
+        object.__setattr__(self, "_scales", scales)
+
+    @classmethod
+    def build(cls, layout: Layout, /) -> Diagonal:
+        return cls(layout)
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def _make_slots(self) -> tuple[Slot, ...]:
+        return tuple(
+            Slot("scale", name, shape, 1.0, 1.0, name)
+            for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
+        )
+
+    @property
+    def num_factor_columns(self) -> int:
+        return self.layout.num_params
+
+    @property
+    def rank(self) -> int:
+        return self.layout.num_params
+
+    @property
+    def is_singular(self) -> bool:
+        """Never by construction (a zero entry of ``scale`` is not detected)."""
+        return False
+
+    def _s(self, xp: Any, storage: Storage) -> list[Array]:
+        return [xp.reshape(storage[path], (size,)) for path, _, size in self._scales]
+
+    def blocks(self, xp: Any, storage: Storage, z: Array) -> list[Array]:
+        return [
+            z[:, offset : offset + size] * s
+            for (_, offset, size), s in zip(self._scales, self._s(xp, storage), strict=True)
+        ]
+
+    def rblocks(self, xp: Any, storage: Storage, x: list[Array]) -> Array:
+        parts = [block * s for block, s in zip(x, self._s(xp, storage), strict=True)]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
+        return [b * v for b, v in zip(x, self.diagonal_blocks(xp, storage), strict=True)]
+
+    def diagonal_blocks(self, xp: Any, storage: Storage) -> list[Array]:
+        return [s**2 for s in self._s(xp, storage)]
+
+    def trace(self, xp: Any, storage: Storage) -> Array:
+        return total(xp.sum(block) for block in self.diagonal_blocks(xp, storage))
+
+    def prepare(self, xp: Any, storage: Storage) -> None:
+        return None
+
+    def logdet(self, xp: Any, storage: Storage, state: None) -> Array:
+        # 2 log|s|, never log(s^2): s^2 underflows in float32 long before s does.
+        return 2.0 * total(xp.sum(xp.log(xp.abs(storage[p]))) for p, _, _ in self._scales)
+
+    def solve_blocks(self, xp: Any, storage: Storage, state: None, x: list[Array]) -> list[Array]:
+        return [b / v for b, v in zip(x, self.diagonal_blocks(xp, storage), strict=True)]
+
+
+@register_kl(Structure, Diagonal)
+def _kl_to_diagonal(
+    xp: Any, q: Structure, q_storage: Storage, p: Diagonal, p_storage: Storage, difference: Array
+) -> Array:
+    """Any q against a diagonal p = diag(v): tr = sum(diag(Sigma_q) / v), O(P K_q), no P x P.
+
+    0.5 [sum(diag(Sigma_q) / v) - P + sum log v - log det Sigma_q + sum(d^2 / v)].
+    """
+    variances = xp.concat(p.diagonal_blocks(xp, p_storage), axis=0)
+    diag_q = xp.concat(q.diagonal_blocks(xp, q_storage), axis=0)
+    return 0.5 * (
+        xp.sum(diag_q / variances)
+        - q.num_params
+        + p.logdet(xp, p_storage, None)  # sum log v, as 2 sum log|s|
+        - logdet_of(xp, q, q_storage)
+        + xp.sum(difference**2 / variances)
+    )
+
+
+@register_kl(Diagonal, Diagonal)
+def _kl_diagonal_diagonal(
+    xp: Any, q: Diagonal, q_storage: Storage, p: Diagonal, p_storage: Storage, difference: Array
+) -> Array:
+    """Two diagonals: 0.5 sum(r - 1 - log r + d^2 / v), r = s_q^2 / v. O(P).
+
+    Every term of r - 1 - log r is >= 0: no cancellation of large sums (float32).
+    """
+    parts = []
+    for s_q, s_p, (_, offset, size) in zip(
+        q._s(xp, q_storage), p._s(xp, p_storage), p._scales, strict=True
+    ):
+        v = s_p**2
+        ratio = s_q**2 / v
+        d = difference[offset : offset + size]
+        parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + d**2 / v))
+    return 0.5 * total(parts)
+
+
+@register_covariance
 class DiagonalCovariance(FactorizedCovariance):
     """Diagonal covariance Sigma = diag(s^2), S = diag(s), K = P.
 
@@ -27,65 +153,13 @@ class DiagonalCovariance(FactorizedCovariance):
     ``{"scale.<name>": 1.0}``.
     """
 
-    _dict_attributes = ("scale",)
-    scale: dict[str, Array]
-    _noise_per_parameter = True
+    _structure_type: ClassVar[type[Structure]] = Diagonal
+    _arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
-        super().__init__(rank=None)
-
-    def _setup(self, layout: Layout) -> None:
-        self._rank = layout.num_params
-
-    def _slots(self) -> tuple[Slot, ...]:
-        layout = self.layout
-        return tuple(
-            Slot("scale", name, shape, 1.0, 1.0, name)
-            for name, shape in zip(layout.names, layout.shapes, strict=True)
-        )
-
-    def _blocks(self, xp: Any, z: Array) -> list[Array]:
-        layout = self.layout
-        return [
-            z[:, offset : offset + size] * xp.reshape(self.scale[name], (size,))
-            for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
-        ]
+        StructuredCovariance.__init__(self)
 
     @property
-    def is_singular(self) -> bool:
-        """Never by construction (a zero entry of ``scale`` is not detected)."""
-        return False
-
-    def _scale_1d(self, xp: Any, name: str, size: int) -> Array:
-        return xp.reshape(self.scale[name], (size,))
-
-    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
-        layout = self.layout
-        parts = [
-            block * self._scale_1d(xp, name, size)
-            for name, size, block in zip(layout.names, layout.sizes, x, strict=True)
-        ]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
-
-    def _diagonal_blocks(self, xp: Any) -> list[Array]:
-        return [
-            self._scale_1d(xp, name, size) ** 2
-            for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
-        ]
-
-    def matmul(self, x: Array) -> Array:
-        """Sigma x = s^2 * x elementwise, ``x`` of shape ``(*batch, P)``. O(B P)."""
-        xp, batch, blocks = self._flat_blocks(x, "x")
-        variances = self._diagonal_blocks(xp)
-        return self._assemble(xp, [b * v for b, v in zip(blocks, variances, strict=True)], batch)
-
-    def _logdet(self, xp: Any) -> Array:
-        return 2.0 * total(xp.sum(xp.log(xp.abs(self.scale[n]))) for n in self.layout.names)
-
-    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
-        return [b / v for b, v in zip(x, self._diagonal_blocks(xp), strict=True)]
-
-    def _kl_to_diagonal(self, xp: Any, variances: Array) -> Array:
-        # sum(r - 1 - log r), r = s^2 / v: every term >= 0, no cancellation of large sums.
-        ratio = self.diagonal() / variances
-        return 0.5 * xp.sum(ratio - 1.0 - xp.log(ratio))
+    def rank(self) -> int | None:
+        """P after initialization (``None`` before)."""
+        return None if self._structure is None else self._structure.rank

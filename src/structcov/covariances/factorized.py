@@ -3,24 +3,115 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, final
 
 from .. import _linalg
-from .._array_api import Array, Layout
-from ._base import Slot, StructuredCovariance, check_rank, total
+from .._array_api import Array
+from .._layout import Layout
+from ._base import StructuredCovariance, register_covariance
+from ._structure import Slot, Storage, Structure, check_rank, row_norms, total
 
-__all__ = ["FactorizedCovariance", "LowRankCovariance"]
+__all__ = ["Factorized", "FactorizedCovariance", "LowRankCovariance"]
 
 
-def _row_norms(xp: Any, factor: Array) -> Array:
-    """Squared row norms of a 2-D ``factor``, shape (rows,).
+@final
+@dataclass(frozen=True, repr=False)
+class Factorized(Structure):
+    """Sigma = S S^T with a dense S of shape (P, rank), stored as ``factor.<name>``.
 
-    Not ``xp.vecdot``: array-api-compat's torch version moves axes, which has no
-    ``vmap`` batching rule.
+    ``rank`` is clamped to P at `build`. Rank < P is singular. Costs (B vectors):
+    ``blocks`` one (B, K) x (K, n) GEMM per name; ``matmul`` S (S^T x), O(B P K);
+    diagonal O(P K). At full rank, ``prepare`` stacks the square S (P x P) once and
+    ``logdet`` = 2 log|det S| (LU, O(P^3)), ``solve`` = S^-T S^-1 x (two LU solves).
     """
-    return xp.sum(factor * factor, axis=-1)
+
+    rank: int
+    _factors: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
+
+    dict_attributes = ("factor",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        paths = tuple(
+            (f"factor.{name}", size)
+            for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
+        )
+        object.__setattr__(self, "_factors", paths)
+
+    @classmethod
+    def build(cls, layout: Layout, /, *, rank: int | None = None) -> Factorized:
+        """``rank=None`` is P (full); larger ranks are clamped to P."""
+        requested = check_rank(rank, "rank", optional=True)
+        return cls(
+            layout, layout.num_params if requested is None else min(requested, layout.num_params)
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    def _make_slots(self) -> tuple[Slot, ...]:
+        rank = self.rank
+        return tuple(
+            Slot("factor", name, (*shape, rank), 1.0 / rank, 1.0 / math.sqrt(rank), name)
+            for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
+        )
+
+    @property
+    def num_factor_columns(self) -> int:
+        return self.rank
+
+    @property
+    def is_singular(self) -> bool:
+        """True when rank < P (S has fewer columns than rows)."""
+        return self.rank < self.layout.num_params
+
+    def _factor_2d(self, xp: Any, storage: Storage, path: str, size: int) -> Array:
+        return xp.reshape(storage[path], (size, self.rank))
+
+    def blocks(self, xp: Any, storage: Storage, z: Array) -> list[Array]:
+        return [
+            # (B, K) @ (K, n): the stored (n, K) block read transposed, no copy.
+            xp.matmul(z, xp.matrix_transpose(self._factor_2d(xp, storage, path, size)))
+            for path, size in self._factors
+        ]
+
+    def rblocks(self, xp: Any, storage: Storage, x: list[Array]) -> Array:
+        return total(
+            _linalg.matmul(xp, block, self._factor_2d(xp, storage, path, size))  # (B, n) @ (n, K)
+            for (path, size), block in zip(self._factors, x, strict=True)
+        )
+
+    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
+        return self.blocks(xp, storage, self.rblocks(xp, storage, x))
+
+    def diagonal_blocks(self, xp: Any, storage: Storage) -> list[Array]:
+        return [row_norms(xp, self._factor_2d(xp, storage, p, size)) for p, size in self._factors]
+
+    def trace(self, xp: Any, storage: Storage) -> Array:
+        return total(xp.sum(block) for block in self.diagonal_blocks(xp, storage))
+
+    def prepare(self, xp: Any, storage: Storage) -> Array:
+        """The square S (P x P), the per-name blocks stacked once."""
+        blocks = [self._factor_2d(xp, storage, p, size) for p, size in self._factors]
+        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+
+    def logdet(self, xp: Any, storage: Storage, state: Array) -> Array:
+        # log det(S S^T) = 2 log|det S| for a square S: no S S^T, so no squared condition number.
+        return 2.0 * _linalg.logabsdet(xp, state)
+
+    def solve_blocks(self, xp: Any, storage: Storage, state: Array, x: list[Array]) -> list[Array]:
+        rhs = xp.matrix_transpose(xp.concat(x, axis=1) if len(x) > 1 else x[0])  # (P, B)
+        inner = _linalg.solve(xp, state, rhs)  # S^-1 x
+        out = xp.matrix_transpose(_linalg.solve(xp, xp.matrix_transpose(state), inner))
+        layout = self.layout
+        return [
+            out[:, offset : offset + size]
+            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
+        ]
 
 
+@register_covariance
 class FactorizedCovariance(StructuredCovariance):
     r"""Covariance Sigma = S S^T with a dense factor S of shape (P, rank).
 
@@ -50,99 +141,24 @@ class FactorizedCovariance(StructuredCovariance):
     ``lr_scaling`` is ``{"factor.<name>": 1 / rank}``.
 
     This class is also the public base of every structure: every covariance in
-    structcov is a ``FactorizedCovariance``.
+    structcov is a ``FactorizedCovariance``. The maths is the frozen structure's
+    (``cov.structure``, a `structcov.covariances.Factorized` here).
     """
 
-    _dict_attributes: tuple[str, ...] = ("factor",)
-    factor: dict[str, Array]
-    #: Whether the noise z has one column per parameter after its first few (S ends in
-    #: a diagonal block): sampling then draws it split like the means (JAX sharding).
-    _noise_per_parameter: bool = False
+    _structure_type: ClassVar[type[Structure]] = Factorized
+    _arguments: ClassVar[tuple[str, ...]] = ("rank",)
 
     def __init__(self, rank: int | None = None) -> None:
         super().__init__()
         self._requested_rank = check_rank(rank, "rank", optional=True)
-        self._rank: int | None = None
 
     @property
     def rank(self) -> int | None:
         """Columns of S (after initialization: clamped to P; ``None`` before, if unset)."""
-        return self._rank if self._rank is not None else self._requested_rank
-
-    @property
-    def num_factor_columns(self) -> int:
-        """K = rank, the columns of S."""
-        return self._initialized_rank
-
-    @property
-    def _initialized_rank(self) -> int:
-        self.layout  # noqa: B018 -- raises the "not initialized" error
-        assert self._rank is not None
-        return self._rank
-
-    def _setup(self, layout: Layout) -> None:
-        requested = self._requested_rank
-        self._rank = layout.num_params if requested is None else min(requested, layout.num_params)
-
-    def _slots(self) -> tuple[Slot, ...]:
-        layout, rank = self.layout, self.num_factor_columns
-        return tuple(
-            Slot("factor", name, (*shape, rank), 1.0 / rank, 1.0 / math.sqrt(rank), name)
-            for name, shape in zip(layout.names, layout.shapes, strict=True)
-        )
-
-    def _blocks(self, xp: Any, z: Array) -> list[Array]:
-        rank = self.num_factor_columns
-        return [
-            # (B, K) @ (K, n): the stored (n, K) block read transposed, no copy.
-            xp.matmul(z, xp.matrix_transpose(xp.reshape(self.factor[name], (size, rank))))
-            for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
-        ]
-
-    @property
-    def is_singular(self) -> bool:
-        """True when rank < P (S has fewer columns than rows)."""
-        return self.num_factor_columns < self.num_params
-
-    def _factor_2d(self, xp: Any, name: str, size: int) -> Array:
-        return xp.reshape(self.factor[name], (size, self._initialized_rank))
-
-    def _rblocks(self, xp: Any, x: list[Array]) -> Array:
-        layout = self.layout
-        return total(
-            _linalg.matmul(xp, block, self._factor_2d(xp, name, size))  # (B, n) @ (n, K)
-            for name, size, block in zip(layout.names, layout.sizes, x, strict=True)
-        )
-
-    def _diagonal_blocks(self, xp: Any) -> list[Array]:
-        return [
-            _row_norms(xp, self._factor_2d(xp, name, size))
-            for name, size in zip(self.layout.names, self.layout.sizes, strict=True)
-        ]
-
-    def _square_factor(self, xp: Any) -> Array:
-        layout = self.layout
-        blocks = [
-            self._factor_2d(xp, n, size) for n, size in zip(layout.names, layout.sizes, strict=True)
-        ]
-        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
-
-    def _logdet(self, xp: Any) -> Array:
-        # log det(S S^T) = 2 log|det S| for a square S: no S S^T, so no squared condition number.
-        return 2.0 * _linalg.logabsdet(xp, self._square_factor(xp))
-
-    def _solve_blocks(self, xp: Any, x: list[Array]) -> list[Array]:
-        factor = self._square_factor(xp)
-        rhs = xp.matrix_transpose(xp.concat(x, axis=1) if len(x) > 1 else x[0])  # (P, B)
-        inner = _linalg.solve(xp, factor, rhs)  # S^-1 x
-        out = xp.matrix_transpose(_linalg.solve(xp, xp.matrix_transpose(factor), inner))
-        layout = self.layout
-        return [
-            out[:, offset : offset + size]
-            for offset, size in zip(layout.offsets, layout.sizes, strict=True)
-        ]
+        return self._requested_rank if self._structure is None else self._structure.rank
 
 
+@register_covariance
 class LowRankCovariance(FactorizedCovariance):
     """Low-rank covariance Sigma = S S^T, S of shape (P, rank), ``rank`` required.
 
