@@ -227,7 +227,7 @@ def _jax_normals(
         )
     # One key per array: reusing a key would put the same numbers in two arrays.
     keys = [key] if len(shapes) == 1 else list(jax.random.split(key, len(shapes)))
-    out: list[Array] = [
+    out: list[Any] = [
         jax.random.normal(k, s, dtype=dtype, out_sharding=_jax_split(jax, split_like, s))
         for k, s in zip(keys, shapes, strict=True)
     ]

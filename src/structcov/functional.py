@@ -419,8 +419,8 @@ def logdet(structure: Structure, storage: Storage, state: Any = None) -> Array:
 
 def _singular_error(structure: Structure) -> ValueError:
     return ValueError(
-        f"{structure!r} is singular (rank {structure.num_factor_columns} < P = "
-        f"{structure.num_params}), so it has no inverse: {structure.singular_advice}"
+        f"{structure!r} is singular ({structure.singular_reason()}), so it has no inverse or "
+        f"density: {structure.singular_advice}"
     )
 
 
@@ -443,21 +443,29 @@ def to_dense(structure: Structure, storage: Storage) -> Array:
     return xp.matmul(xp.matrix_transpose(factor_t), factor_t)
 
 
-def flatten(structure: Structure, values: Mapping[str, Array]) -> Array:
-    """Concatenate ``values`` (name -> ``(*batch, *shape)``) into ``(*batch, P)``. One copy."""
+def flatten(structure: Structure, values: Any, argument: str = "values") -> Array:
+    """Concatenate ``values`` (name -> ``(*batch, *shape)``) into ``(*batch, P)``. One copy.
+
+    A bare array is accepted for a bare parameter (the single name ``"mean"``), as in
+    ``GaussianParameter(array, cov)``. ``argument`` names ``values`` in error messages.
+    """
     layout = structure.layout
+    if is_array_api_obj(values) and layout.names == ("mean",):
+        values = {"mean": values}  # a bare parameter's value, like its bare mean
     if not isinstance(values, Mapping):
         raise TypeError(
-            f"`values` must be a mapping name -> array with the keys {list(layout.names)}, got "
-            f"{type(values).__name__}"
+            f"`{argument}` must be a mapping name -> array with the keys {list(layout.names)}, "
+            f"got {type(values).__module__}.{type(values).__qualname__}"
         )
     present = {k: v for k, v in values.items() if v is not None}
     if set(present) != set(layout.names):
-        raise ValueError(f"`values` must have the keys {list(layout.names)}, got {list(present)}")
+        raise ValueError(
+            f"`{argument}` must have the keys {list(layout.names)}, got {list(present)}"
+        )
     for name in layout.names:
         if not is_array_api_obj(present[name]):
             raise TypeError(
-                f"`values[{name!r}]` must be an array, got {type(present[name]).__name__}"
+                f"`{argument}[{name!r}]` must be an array, got {type(present[name]).__name__}"
             )
     first = present[layout.names[0]]
     batch = tuple(first.shape[: first.ndim - len(layout.shapes[0])])
@@ -466,11 +474,11 @@ def flatten(structure: Structure, values: Mapping[str, Array]) -> Array:
         value = present[name]
         if tuple(value.shape) != (*batch, *shape):
             raise ValueError(
-                f"`values[{name!r}]` must have shape {(*batch, *shape)} (batch {batch}, then "
+                f"`{argument}[{name!r}]` must have shape {(*batch, *shape)} (batch {batch}, then "
                 f"the mean's shape), got {tuple(value.shape)}"
             )
         parts.append(value)
-    xp = namespace(*parts, argument="`values`")
+    xp = namespace(*parts, argument=f"`{argument}`")
     if len(parts) == 1:
         return xp.reshape(parts[0], (*batch, -1))
     return xp.concat([xp.reshape(v, (*batch, -1)) for v in parts], axis=-1)
@@ -588,7 +596,7 @@ def log_prob(
     """
     if structure.is_singular:
         raise _singular_error(structure)
-    flat = flatten(structure, value)
+    flat = flatten(structure, value, "value")
     reference = reference_array(structure, storage)
     xp = namespace(flat, reference, argument="`value` and the parameter")
     if flat.dtype != reference.dtype:

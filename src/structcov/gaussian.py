@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -204,10 +206,8 @@ def normal_prior(like: Any, scale: Any = 1.0) -> GaussianParameter:
     names = structure.layout.names
     means = [mean[name] for name in names]
     xp = namespace(means[0])
-    dtype = means[0].dtype
     if isinstance(scale, Mapping):
-        missing = [name for name in names if name not in scale]
-        if missing:
+        if set(scale) != set(names):
             raise ValueError(f"`scale` must have the keys {list(names)}, got {list(scale)}")
         scales = {name: scale[name] for name in names}
     else:
@@ -218,13 +218,35 @@ def normal_prior(like: Any, scale: Any = 1.0) -> GaussianParameter:
     prior = GaussianParameter(zeros, DiagonalCovariance())
     filled = {}
     for name, m in zip(names, means, strict=True):
-        value = scales[name]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            filled[f"scale.{name}"] = xp.full_like(m, float(value))
-        else:
-            filled[f"scale.{name}"] = xp.broadcast_to(xp.asarray(value, dtype=dtype), m.shape)
+        filled[f"scale.{name}"] = _prior_scale(xp, scales[name], m, name)
     prior.cov.load_storage(filled)
     return prior
+
+
+def _prior_scale(xp: Any, value: Any, mean: Array, name: str) -> Array:
+    """The prior standard deviations for ``mean``: a number >= 0, or an array that
+    broadcasts to the mean's shape, in the mean's namespace (cast to its dtype)."""
+    argument = f"`scale` for {name!r}"
+    if is_array_api_obj(value) and not isinstance(value, numbers.Real):
+        namespace(value, mean, argument=f"{argument} and the means")
+        try:
+            return xp.broadcast_to(xp.astype(value, mean.dtype), tuple(mean.shape))
+        except (ValueError, RuntimeError, TypeError):
+            raise ValueError(
+                f"{argument} must broadcast to the mean's shape {tuple(mean.shape)}, got shape "
+                f"{tuple(value.shape)}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{argument} must be a float >= 0 (a standard deviation) or an array, got {value!r}"
+        )
+    number = float(value)  # Python and NumPy scalars alike
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(
+            f"{argument} must be a finite float >= 0 (a standard deviation) or an array, got "
+            f"{value!r}"
+        )
+    return xp.full_like(mean, number)
 
 
 def kl_divergence(q: Any, p: Any) -> Array:

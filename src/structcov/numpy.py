@@ -46,6 +46,7 @@ generator or ``like="cupy"`` are involved, and never imports torch or JAX.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -603,6 +604,12 @@ def load(file: PathLike | IO[bytes], *, like: str = "numpy") -> GaussianParamete
 
 
 def _load_open(handle: IO[bytes], file: Any, like: str) -> GaussianParameter:
+    opened: Any = handle  # a caller's object: it may be a text-mode file after all
+    if isinstance(opened, io.TextIOBase):
+        raise TypeError(
+            f"`file` must be a path or a binary file object (open(path, 'rb')), got the "
+            f"text-mode file object {file!r}"
+        )
     try:
         start = handle.tell()
         magic = handle.read(4)

@@ -305,8 +305,16 @@ class StructuredCovariance(CovarianceMethods):
                 f"`{name}` cannot be replaced as a whole: set its entries "
                 f"(cov.{name}[name] = array) or call load_storage"
             )
+        elif name.startswith("_") or hasattr(type(self), name):
+            object.__setattr__(self, name, value)  # a property's setter, or private state
         else:
-            object.__setattr__(self, name, value)
+            # A misspelt or foreign setting (``sample_scale`` on a diagonal) would be ignored.
+            storage = () if structure_type is None else structure_type.dict_attributes
+            storage += () if structure_type is None else structure_type.array_attributes
+            raise AttributeError(
+                f"{type(self).__name__} has no setting {name!r}; its settable attributes are "
+                f"{list(type(self)._settings)} and its storage {list(storage)}"
+            )
 
     # ------------------------------------------------------------ initialization
     def initialize_parameters(self, mean_parameters: Any) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "check_rank",
     "eye",
     "logdet_of",
+    "require_parameters",
     "row_norms",
     "split_flat",
     "total",
@@ -209,6 +210,10 @@ class Structure(abc.ABC):
         """``Sigma^-1 x`` per name for a full-rank structure; ``state`` from `prepare`."""
 
     # ------------------------------------------------------------ derived, shared
+    def singular_reason(self) -> str:
+        """Why a singular structure is singular, for error messages."""
+        return f"rank {self.num_factor_columns} < P = {self.layout.num_params}"
+
     @property
     def num_params(self) -> int:
         """P, the length of the flat parameter vector."""
@@ -260,3 +265,13 @@ def logdet_of(xp: Any, structure: Structure, storage: Storage, state: Any = None
     if state is None:
         state = structure.prepare(xp, storage)
     return structure.logdet(xp, storage, state)
+
+
+def require_parameters(layout: Layout, structure: str) -> None:
+    """Raise the one clear error for a layout with no parameters (P = 0)."""
+    if layout.num_params == 0:
+        shapes = dict(zip(layout.names, layout.shapes, strict=True))
+        raise ValueError(
+            f"{structure} needs at least one parameter, got means of zero size {shapes} (P = 0); "
+            "DiagonalCovariance supports empty means"
+        )

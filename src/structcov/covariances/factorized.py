@@ -10,7 +10,15 @@ from .. import _linalg
 from .._array_api import Array
 from .._layout import Layout
 from ._base import StructuredCovariance, register_covariance
-from ._structure import Slot, Storage, Structure, check_rank, row_norms, total
+from ._structure import (
+    Slot,
+    Storage,
+    Structure,
+    check_rank,
+    require_parameters,
+    row_norms,
+    total,
+)
 
 __all__ = ["Factorized", "FactorizedCovariance", "LowRankCovariance"]
 
@@ -43,6 +51,7 @@ class Factorized(Structure):
     def build(cls, layout: Layout, /, *, rank: int | None = None) -> Factorized:
         """``rank=None`` is P (full); larger ranks are clamped to P."""
         requested = check_rank(rank, "rank", optional=True)
+        require_parameters(layout, "FactorizedCovariance (and LowRankCovariance)")
         return cls(
             layout, layout.num_params if requested is None else min(requested, layout.num_params)
         )

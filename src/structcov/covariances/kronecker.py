@@ -98,6 +98,11 @@ class Kronecker(Structure):
                 f"{layout.shape_of('bias')}"
             )
         d_aug = math.prod(weight_shape[1:]) + int(has_bias)
+        if d_out == 0 or d_aug == 0:
+            raise ValueError(
+                "KroneckerCovariance needs d_out >= 1 and d_in + has_bias >= 1, got `weight` of "
+                f"shape {weight_shape}" + (" and a bias" if has_bias else " and no bias")
+            )
         r_in = d_aug if requested_in is None else min(requested_in, d_aug)
         r_out = d_out if requested_out is None else min(requested_out, d_out)
         return cls(layout, r_in, r_out, scale)
@@ -147,6 +152,14 @@ class Kronecker(Structure):
     def d_aug(self) -> int:
         """d_in + has_bias: the columns of W~."""
         return self.d_in + int(self.has_bias)
+
+    def singular_reason(self) -> str:
+        if not self.sample_scale:
+            return "sample_scale is 0"
+        return (
+            f"input_rank {self.input_rank} of d_in + has_bias = {self.d_aug}, output_rank "
+            f"{self.output_rank} of d_out = {self.d_out}"
+        )
 
     @property
     def is_singular(self) -> bool:
