@@ -105,10 +105,11 @@ def test_normal_prior_mapping_and_array_scales(backend: Backend) -> None:
     [
         (lambda: sc.LowRankCovariance(2), {"w": (0,)}, "needs at least one parameter"),
         (sc.FactorizedCovariance, {"w": (2, 0)}, "needs at least one parameter"),
+        (lambda: sc.LowRankPlusDiagonalCovariance(2), {"w": (0,)}, "needs at least one"),
         (sc.KroneckerCovariance, {"weight": (3, 0)}, "needs d_out >= 1 and d_in"),
         (sc.KroneckerCovariance, {"weight": (0, 3)}, "needs d_out >= 1 and d_in"),
     ],
-    ids=["lowrank-0", "factorized-2x0", "kronecker-3x0", "kronecker-0x3"],
+    ids=["lowrank-0", "factorized-2x0", "lrpd-0", "kronecker-3x0", "kronecker-0x3"],
 )
 def test_zero_size_means_get_one_clear_error(
     backend: Backend, cov: Any, spec: dict[str, tuple[int, ...]], match: str

@@ -608,8 +608,11 @@ def log_prob(
         state = structure.prepare(xp, storage)
     batch = tuple(centred.shape[:-1])
     c2 = xp.reshape(centred, (math.prod(batch), structure.num_params))
-    solved = assemble(xp, structure.solve_blocks(xp, storage, state, split_flat(structure, c2)))
-    quadratic = xp.reshape(xp.sum(c2 * solved, axis=-1), batch)
+    # The structure's own quadratic form: for low rank plus diagonal a sum of
+    # non-negative terms, where sum(c * solve(c)) cancels in float32.
+    quadratic = xp.reshape(
+        structure.quadratic(xp, storage, state, split_flat(structure, c2)), batch
+    )
     return -0.5 * (
         structure.num_params * _LOG_2PI + structure.logdet(xp, storage, state) + quadratic
     )

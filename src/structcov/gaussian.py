@@ -258,10 +258,12 @@ def kl_divergence(q: Any, p: Any) -> Array:
     Exact for every pair of structures, dispatched per (type of q's structure,
     type of p's structure) (`structcov.covariances._kl`). Structured (nothing of size P x P)
     when ``p`` is diagonal — e.g. `normal_prior` — (trace term = sum of
-    diag(Sigma_q) / diag(Sigma_p), O(P K_q)) and for Kronecker-Kronecker pairs
-    (tr = tr(C_out^p^-1 C_out^q) tr(C_in^p^-1 C_in^q), mixed-product rule). Other
-    pairs use tr(Sigma_p^-1 S_q S_q^T) = sum_k s_k^T Sigma_p^-1 s_k over the K_q
-    columns of S_q: O(K_q P) memory.
+    diag(Sigma_q) / diag(Sigma_p), O(P K_q)), for Kronecker-Kronecker pairs
+    (tr = tr(C_out^p^-1 C_out^q) tr(C_in^p^-1 C_in^q), mixed-product rule) and when
+    ``p`` is low rank plus diagonal and ``q`` diagonal or low rank plus diagonal
+    (whitened by p's diagonal, O(P r^2), memory O(P r)). Other pairs use
+    tr(Sigma_p^-1 S_q S_q^T) = sum_k s_k^T Sigma_p^-1 s_k over the K_q columns of S_q:
+    O(K_q P) memory.
 
     ``q`` and ``p`` are core `GaussianParameter` s or an adapter's modules. A
     singular ``q`` (e.g. low rank with rank < P) against a full-rank ``p`` gives

@@ -14,6 +14,7 @@ singular there (the caller raises first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,7 +28,15 @@ from ._structure import (
     split_flat,
 )
 
-__all__ = ["KLFunction", "kl_function", "register_kl"]
+__all__ = [
+    "KLFunction",
+    "finish",
+    "kl_function",
+    "mahalanobis",
+    "ratio_excess",
+    "register_kl",
+    "scaled_square",
+]
 
 KLFunction = Callable[[Any, Any, Storage, Any, Storage, Array], Array]
 _F = TypeVar("_F", bound=KLFunction)
@@ -69,6 +78,53 @@ def mahalanobis(
     d = xp.reshape(difference, (1, difference.shape[0]))
     solved = assemble(xp, p.solve_blocks(xp, p_storage, p_state, split_flat(p, d)))
     return xp.sum(d * solved)
+
+
+def ratio_excess(xp: Any, s_q: Array, s_p: Array) -> tuple[Array, Array]:
+    """``(rho - 1 - log rho, rho - 1)`` elementwise for rho = (s_q / s_p)^2, both >= 0 terms.
+
+    Standard deviations, never variances: s^2 underflows in float32 (1e-23) long before
+    s does. log rho is 2 log1p(|s_q/s_p| - 1) where the ratio is within (1/2, 2) (exact
+    argument, no cancellation near rho = 1), else 2 (log|s_q| - log|s_p|). Exact at the
+    edges: ``+inf`` where exactly one of s_q, s_p is 0, ``0`` where both are (the caller
+    decides about the means there); ``rho - 1`` is then read with 1 for a zero s_p.
+    jit-safe: ``where`` on values only.
+    """
+    a_q, a_p = xp.abs(s_q), xp.abs(s_p)
+    q_zero, p_zero = a_q == 0, a_p == 0
+    q_safe = xp.where(q_zero, xp.ones_like(a_q), a_q)
+    p_safe = xp.where(p_zero, xp.ones_like(a_p), a_p)
+    ratio = q_safe / p_safe  # |s_q / s_p|
+    near = (ratio > 0.5) & (ratio < 2.0)
+    near_ratio = xp.where(near, ratio, xp.ones_like(ratio))
+    excess_near = (ratio - 1.0) * (ratio + 1.0) - 2.0 * xp.log1p(near_ratio - 1.0)
+    excess_far = ratio * ratio - 1.0 - 2.0 * (xp.log(q_safe) - xp.log(p_safe))
+    excess = xp.where(near, excess_near, excess_far)
+    # exactly one zero: +inf (q has no density w.r.t. p or the converse); both: 0.
+    edge = xp.where(q_zero & p_zero, xp.zeros_like(excess), xp.full_like(excess, math.inf))
+    excess = xp.where(q_zero | p_zero, edge, excess)
+    minus_one = xp.where(q_zero, -xp.ones_like(ratio), (ratio - 1.0) * (ratio + 1.0))
+    return excess, minus_one
+
+
+def scaled_square(xp: Any, x: Array, s: Array) -> Array:
+    """(x / s)^2 elementwise, with 0 where x = s = 0 and +inf where only s = 0."""
+    s_zero = s == 0
+    value = (x / xp.where(s_zero, xp.ones_like(s), s)) ** 2
+    edge = xp.where(x == 0, xp.zeros_like(value), xp.full_like(value, math.inf))
+    return xp.where(s_zero, edge, value)
+
+
+def finish(xp: Any, value: Array, infinite: Array, undefined: Array | None = None) -> Array:
+    """``value`` with ``+inf`` where ``infinite`` (0-D bool), else NaN where ``undefined``.
+
+    For exact infinities (a singular q, a p without mass where q has some): the
+    finite-looking ``value`` computed from safe substitutes is replaced on values
+    (``where``), never by a Python branch, so it holds under ``jax.jit``.
+    """
+    if undefined is not None:
+        value = xp.where(undefined, xp.full_like(value, math.nan), value)
+    return xp.where(infinite, xp.full_like(value, math.inf), value)
 
 
 @register_kl(Structure, Structure)

@@ -210,6 +210,16 @@ class Structure(abc.ABC):
         """``Sigma^-1 x`` per name for a full-rank structure; ``state`` from `prepare`."""
 
     # ------------------------------------------------------------ derived, shared
+    def quadratic(self, xp: Any, storage: Storage, state: Any, x: list[Array]) -> Array:
+        """x^T Sigma^-1 x per row, shape (B,), from per-name blocks (full-rank structures).
+
+        The default is ``sum(x * solve(x))``; structures whose solve would cancel in
+        that product (low rank plus diagonal in float32) override it with a form that
+        is a sum of non-negative terms.
+        """
+        solved = assemble(xp, self.solve_blocks(xp, storage, state, x))
+        return xp.sum(assemble(xp, x) * solved, axis=-1)
+
     def singular_reason(self) -> str:
         """Why a singular structure is singular, for error messages."""
         return f"rank {self.num_factor_columns} < P = {self.layout.num_params}"

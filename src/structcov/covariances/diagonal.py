@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, final
 
 from .._array_api import Array
 from .._layout import Layout
 from ._base import StructuredCovariance, register_covariance
-from ._kl import register_kl
+from ._kl import finish, ratio_excess, register_kl, scaled_square
 from ._structure import Slot, Storage, Structure, logdet_of, total
 from .factorized import FactorizedCovariance
 
@@ -91,48 +92,88 @@ class Diagonal(Structure):
         return None
 
     def logdet(self, xp: Any, storage: Storage, state: None) -> Array:
-        # 2 log|s|, never log(s^2): s^2 underflows in float32 long before s does.
-        return 2.0 * total(xp.sum(xp.log(xp.abs(storage[p]))) for p, _, _ in self._scales)
+        # 2 log|s|, never log(s^2): s^2 underflows in float32 long before s does. A zero
+        # s gives -inf on values (where), without taking log(0).
+        parts, zeros = [], []
+        for s in self._s(xp, storage):
+            zero = s == 0
+            parts.append(xp.sum(xp.log(xp.abs(xp.where(zero, xp.ones_like(s), s)))))
+            zeros.append(xp.any(zero))
+        value = 2.0 * total(parts)
+        return xp.where(_any(zeros), xp.full_like(value, -math.inf), value)
 
     def solve_blocks(self, xp: Any, storage: Storage, state: None, x: list[Array]) -> list[Array]:
-        return [b / v for b, v in zip(x, self.diagonal_blocks(xp, storage), strict=True)]
+        # (x / s) / s, never x / s^2: s^2 underflows in float32 (s = 1e-23) long before s does.
+        return [(b / s) / s for b, s in zip(x, self._s(xp, storage), strict=True)]
+
+    def quadratic(self, xp: Any, storage: Storage, state: None, x: list[Array]) -> Array:
+        """x^T Sigma^-1 x = sum((x / s)^2) per row of the (B, n) blocks: shape (B,). O(B P).
+
+        A sum of non-negative terms, no cancellation.
+        """
+        return total(
+            xp.sum((b / s) ** 2, axis=-1) for b, s in zip(x, self._s(xp, storage), strict=True)
+        )
 
 
 @register_kl(Structure, Diagonal)
 def _kl_to_diagonal(
     xp: Any, q: Structure, q_storage: Storage, p: Diagonal, p_storage: Storage, difference: Array
 ) -> Array:
-    """Any q against a diagonal p = diag(v): tr = sum(diag(Sigma_q) / v), O(P K_q), no P x P.
+    """Any q against a diagonal p = diag(s^2): tr = sum(diag(Sigma_q) / s^2), O(P K_q), no P x P.
 
-    0.5 [sum(diag(Sigma_q) / v) - P + sum log v - log det Sigma_q + sum(d^2 / v)].
+    0.5 [sum(diag(Sigma_q) / s^2) - P + 2 sum log|s| - log det Sigma_q + sum((d / s)^2)],
+    dividing by s twice (s^2 underflows in float32). Memory O(P) besides q's diagonal.
+
+    Edges (values, jit-safe): ``+inf`` where some s_i = 0 while q has mass there
+    (diag(Sigma_q)_i > 0 or d_i != 0), and for a singular q (log det Sigma_q = -inf);
+    NaN where s_i = 0 and q is a point mass at p's mean there (KL over the other
+    coordinates; not computed).
     """
-    variances = xp.concat(p.diagonal_blocks(xp, p_storage), axis=0)
-    diag_q = xp.concat(q.diagonal_blocks(xp, q_storage), axis=0)
-    return 0.5 * (
-        xp.sum(diag_q / variances)
-        - q.num_params
-        + p.logdet(xp, p_storage, None)  # sum log v, as 2 sum log|s|
-        - logdet_of(xp, q, q_storage)
-        + xp.sum(difference**2 / variances)
+    parts = []
+    p_bad, p_zero = [], []
+    for s_p, diag_q, (_, offset, size) in zip(
+        p._s(xp, p_storage), q.diagonal_blocks(xp, q_storage), p._scales, strict=True
+    ):
+        zero = s_p == 0
+        safe = xp.where(zero, xp.ones_like(s_p), s_p)
+        d = difference[offset : offset + size]
+        parts.append(xp.sum((diag_q / safe) / safe) + xp.sum((d / safe) ** 2))
+        p_bad.append(xp.any(zero & ((diag_q > 0) | (d != 0))))
+        p_zero.append(xp.any(zero))
+    p_logdet = 2.0 * total(
+        xp.sum(xp.log(xp.abs(xp.where(s == 0, xp.ones_like(s), s)))) for s in p._s(xp, p_storage)
     )
+    value = 0.5 * (total(parts) - q.num_params + p_logdet - logdet_of(xp, q, q_storage))
+    return finish(xp, value, _any(p_bad), _any(p_zero))
+
+
+def _any(flags: list[Array]) -> Array:
+    out = flags[0]
+    for flag in flags[1:]:
+        out = out | flag
+    return out
 
 
 @register_kl(Diagonal, Diagonal)
 def _kl_diagonal_diagonal(
     xp: Any, q: Diagonal, q_storage: Storage, p: Diagonal, p_storage: Storage, difference: Array
 ) -> Array:
-    """Two diagonals: 0.5 sum(r - 1 - log r + d^2 / v), r = s_q^2 / v. O(P).
+    """Two diagonals: 0.5 sum(rho - 1 - log rho + (d / s_p)^2), rho = (s_q / s_p)^2. O(P).
 
-    Every term of r - 1 - log r is >= 0: no cancellation of large sums (float32).
+    Every term is >= 0 (no cancellation of large sums in float32), log rho =
+    2 (log|s_q| - log|s_p|) (never log(s^2), which underflows at s = 1e-23 in float32),
+    and KL(q || q) is exactly 0. Coordinatewise exact edges: s_p = 0 gives ``+inf``
+    unless s_q = 0 and d = 0 there (two equal point masses: 0); s_q = 0 with s_p != 0
+    gives ``+inf``.
     """
     parts = []
     for s_q, s_p, (_, offset, size) in zip(
         q._s(xp, q_storage), p._s(xp, p_storage), p._scales, strict=True
     ):
-        v = s_p**2
-        ratio = s_q**2 / v
+        excess, _ = ratio_excess(xp, s_q, s_p)
         d = difference[offset : offset + size]
-        parts.append(xp.sum(ratio - 1.0 - xp.log(ratio) + d**2 / v))
+        parts.append(xp.sum(excess + scaled_square(xp, d, s_p)))
     return 0.5 * total(parts)
 
 
