@@ -13,6 +13,7 @@ from .covariances import (
     LowRankPlusDiagonalCovariance,
 )
 from .gaussian import BNNParameter, GaussianParameter, kl_divergence, normal_prior
+from .layers import linear
 from .projection import from_dense
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ __all__ = [
     "from_dense",
     "functional",
     "kl_divergence",
+    "linear",
     "normal_prior",
 ]

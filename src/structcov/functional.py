@@ -50,6 +50,7 @@ from .covariances._structure import (
 __all__ = [
     "check_storage",
     "diagonal",
+    "draw_noise",
     "draw_storage",
     "entropy",
     "factor_matmul",
@@ -545,6 +546,33 @@ def _present_means(structure: Structure, mean: Mapping[str, Any]) -> list[Array]
     return [mean[name] for name in structure.layout.names]
 
 
+def draw_noise(
+    structure: Structure,
+    storage: Storage,
+    mean: Mapping[str, Array],
+    sample_shape: tuple[int, ...],
+    generator: Any,
+) -> Array:
+    """The standard normals z of shape ``(*sample_shape, K)`` for a sample of ``mean + S z``.
+
+    In the means' dtype and device; dask: chunked like the columns of S; JAX: split
+    like the means when S ends in a diagonal block. Every sampled operation (`sample`,
+    `structcov.linear`) draws through here, so one generator state gives one z.
+    """
+    means = _present_means(structure, mean)
+    reference = means[0]
+    xp = namespace(reference)
+    return standard_normal(
+        generator,
+        (*sample_shape, structure.num_factor_columns),
+        xp=xp,
+        dtype=reference.dtype,
+        device=device_of(reference),
+        chunks=_noise_chunks(xp, structure, storage, means, len(sample_shape)),
+        split_like=reference if structure.noise_per_parameter else None,
+    )
+
+
 def sample(
     structure: Structure,
     storage: Storage,
@@ -554,27 +582,12 @@ def sample(
 ) -> dict[str, Array]:
     """Draw ``mean + S z`` with z ~ N(0, I_K): name -> ``(*sample_shape, *shape)``.
 
-    Cost: ``prod(sample_shape) * K`` normals plus one `factor_matmul`.
+    Cost: ``prod(sample_shape) * K`` normals (`draw_noise`) plus one `factor_matmul`.
     """
     shape = sample_shape_of(sample_shape)
-    means = _present_means(structure, mean)
-    reference = means[0]
-    xp = namespace(reference)
-    z = standard_normal(
-        generator,
-        (*shape, structure.num_factor_columns),
-        xp=xp,
-        dtype=reference.dtype,
-        device=device_of(reference),
-        chunks=_noise_chunks(xp, structure, storage, means, len(shape)),
-        split_like=reference if structure.noise_per_parameter else None,
-    )
-    return factor_matmul(
-        structure,
-        storage,
-        z,
-        additive_constant=dict(zip(structure.layout.names, means, strict=True)),
-    )
+    z = draw_noise(structure, storage, mean, shape, generator)
+    means = {name: mean[name] for name in structure.layout.names}
+    return factor_matmul(structure, storage, z, additive_constant=means)
 
 
 def flat_mean(structure: Structure, mean: Mapping[str, Array]) -> Array:
