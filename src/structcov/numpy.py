@@ -12,7 +12,10 @@ around it:
   (structure, ranks, mean names in order including ``None`` entries, values bit
   for bit, dtype). Nothing is ever pickled or unpickled: the metadata is a JSON
   string stored in a unicode array, and files are read with
-  ``numpy.load(..., allow_pickle=False)``.
+  ``numpy.load(..., allow_pickle=False)``. This ``.npz`` format is NumPy/CuPy only
+  and kept for the files written with it; structcov's checkpoint format is the
+  safetensors file of `structcov.io` (``structcov.io.save`` / ``structcov.io.load``),
+  which every backend reads and writes.
 - `posterior_to_structure`: NumPy and CuPy have no autograd, so structcov cannot
   *fit* a structured posterior there; what it offers instead is to map a known
   Gaussian (e.g. a closed-form posterior) onto each structure.
@@ -536,6 +539,9 @@ PathLike = str | os.PathLike[str]
 def save(file: PathLike | IO[bytes], param: GaussianParameter, *, compressed: bool = False) -> None:
     """Write ``param`` to an ``.npz`` file (``numpy.savez``), `to_dict`'s layout.
 
+    NumPy/CuPy only; for a checkpoint any backend can load (torch, JAX, ...) use
+    ``structcov.io.save``, structcov's checkpoint format.
+
     CuPy arrays are copied to the host (``.get()``). Like ``numpy.savez``, a
     ``str`` path without the ``.npz`` suffix gets it appended. No entry needs
     pickle. ``compressed=True`` uses ``numpy.savez_compressed``. Mean names may
@@ -572,6 +578,9 @@ def _not_ours(file: Any, reason: str) -> ValueError:
 
 def load(file: PathLike | IO[bytes], *, like: str = "numpy") -> GaussianParameter:
     """Read a parameter written by `save` (``numpy.load(..., allow_pickle=False)``).
+
+    Reads the ``.npz`` files of `save`; checkpoints of ``structcov.io.save``
+    (safetensors) are read by ``structcov.io.load``.
 
     Never unpickles anything. The file must be a zip archive (checked from its
     first bytes before NumPy sees it) with structcov's metadata entry; every

@@ -74,10 +74,30 @@ def kl_function(q_type: type, p_type: type) -> KLFunction:
 def mahalanobis(
     xp: Any, p: Structure, p_storage: Storage, p_state: Any, difference: Array
 ) -> Array:
-    """d^T Sigma_p^-1 d for a flat (P,) ``d``."""
+    """d^T Sigma_p^-1 d for a flat (P,) ``d``, through p's quadratic form."""
     d = xp.reshape(difference, (1, difference.shape[0]))
-    solved = assemble(xp, p.solve_blocks(xp, p_storage, p_state, split_flat(p, d)))
-    return xp.sum(d * solved)
+    return xp.sum(p.quadratic(xp, p_storage, p_state, split_flat(p, d)))
+
+
+def kl_from_trace(
+    xp: Any,
+    trace: Array,
+    q: Structure,
+    q_storage: Storage,
+    p: Structure,
+    p_storage: Storage,
+    p_state: Any,
+    difference: Array,
+) -> Array:
+    """0.5 [trace + d^T Sigma_p^-1 d - P + log det Sigma_p - log det Sigma_q], with
+    ``trace`` = tr(Sigma_p^-1 Sigma_q) computed by the caller's identity."""
+    return 0.5 * (
+        trace
+        + mahalanobis(xp, p, p_storage, p_state, difference)
+        - q.num_params
+        + p.logdet(xp, p_storage, p_state)
+        - logdet_of(xp, q, q_storage)
+    )
 
 
 def ratio_excess(xp: Any, s_q: Array, s_p: Array) -> tuple[Array, Array]:
@@ -141,10 +161,4 @@ def _kl_generic(
     p_state = p.prepare(xp, p_storage)
     solved = assemble(xp, p.solve_blocks(xp, p_storage, p_state, split_flat(p, columns)))
     trace = xp.sum(columns * solved)
-    return 0.5 * (
-        trace
-        + mahalanobis(xp, p, p_storage, p_state, difference)
-        - q.num_params
-        + p.logdet(xp, p_storage, p_state)
-        - logdet_of(xp, q, q_storage)
-    )
+    return kl_from_trace(xp, trace, q, q_storage, p, p_storage, p_state, difference)

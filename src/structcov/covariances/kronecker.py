@@ -10,8 +10,8 @@ from .. import _linalg
 from .._array_api import Array
 from .._layout import Layout
 from ._base import register_covariance
-from ._kl import mahalanobis, register_kl
-from ._structure import Slot, Storage, Structure, check_rank, logdet_of, row_norms
+from ._kl import kl_from_trace, register_kl
+from ._structure import Slot, Storage, Structure, check_rank, row_norms
 from .factorized import FactorizedCovariance
 
 __all__ = ["Kronecker", "KroneckerCovariance", "check_sample_scale"]
@@ -308,13 +308,7 @@ def _kl_kronecker_kronecker(
     )
     ratios = [xp.sum(_linalg.solve(xp, s_p, s_q) ** 2) for s_p, s_q in factors]
     trace = ratios[0] * ratios[1] * (q.sample_scale / p.sample_scale) ** 2
-    return 0.5 * (
-        trace
-        + mahalanobis(xp, p, p_storage, p_state, difference)
-        - q.num_params
-        + p.logdet(xp, p_storage, p_state)
-        - logdet_of(xp, q, q_storage)
-    )
+    return kl_from_trace(xp, trace, q, q_storage, p, p_storage, p_state, difference)
 
 
 @register_covariance

@@ -1,0 +1,895 @@
+"""Checkpoints that cross backends: Gaussian parameters in a safetensors file.
+
+``structcov.io.save(file, obj)`` writes one or many Gaussian parameters of any
+backend; ``structcov.io.load(file, like=...)`` reads them into any backend the core
+runs on. Train with torch, serve with JAX or NumPy: the file is the same.
+
+**The file** is a plain `safetensors <https://github.com/huggingface/safetensors>`_
+file: every array is a tensor under a stable dotted name (the names of the torch
+adapter's ``state_dict``),
+
+- ``<prefix>.mean.<name>`` for each mean that is not ``None``,
+- ``<prefix>.cov.<path>`` for each stored covariance array, ``<path>`` a storage
+  path of ``cov.storage()`` (``factor.weight``, ``scale.bias``, ``output_factor``),
+
+with ``<prefix>.`` left out for a single parameter saved on its own (``mean.weight``,
+``cov.factor.weight``). The safetensors string metadata holds one entry,
+``"structcov"``: a JSON object with
+
+- ``format`` (``"structcov.safetensors"``), ``version`` (`FORMAT_VERSION`) and, for
+  information only, ``structcov_version``;
+- ``kind``: ``"parameter"`` (one parameter, `load` returns it) or ``"collection"``
+  (`load` returns a dict prefix -> parameter, in the saved order);
+- ``parameters``: one object per parameter with ``prefix``; ``covariance``, the
+  class name in structcov's registry (``"KroneckerCovariance"``); ``config``, the
+  constructor's arguments and settings (``{"input_rank": null, "output_rank": 2,
+  "sample_scale": 0.5}``: ranks as requested, not clamped); ``structure``, the frozen
+  structure's type name and ``config()`` (clamped ranks); ``means``, every mean name in
+  insertion order with its shape, ``None`` entries kept with shape ``null``;
+  ``storage``, the storage paths in slot order with their shapes;
+  ``num_factor_columns`` (K) and ``dtype`` (``"float32"`` or ``"float64"``).
+
+That is everything needed to rebuild the object with no code from the writer.
+**Loading executes nothing from the file**: the covariance class is looked up by
+name in structcov's registry (``COVARIANCES``), built with the saved arguments
+(``cls(**ranks)``, settings set as attributes), attached with
+``GaussianParameter(mean, cov)`` and filled with ``cov.load_storage`` (the validated
+path); the rebuilt structure must equal the one the header describes, and every
+tensor's shape and dtype must be the header's. Values are copied bit for bit, so a
+torch -> file -> JAX round trip gives identical storage.
+
+**Writes are atomic**: the bytes go to a temporary file in the same directory,
+which is flushed, ``fsync``-ed and renamed over ``file`` (``os.replace``); a crash
+mid-write leaves the old file as it was.
+
+Supported objects (`save`): a core `structcov.GaussianParameter` of any backend; a
+``structcov.torch.GaussianParameter`` module, or any ``torch.nn.Module`` holding such
+modules (prefixes from ``named_modules``); the Equinox and Flax NNX wrappers of
+`structcov.jax` and any JAX pytree of them or of core parameters (prefixes from the
+pytree's key paths: ``layers.0``, ``encoder.q``); a mapping name -> any of those, or a
+list/tuple of them (prefixes ``0``, ``1``, ...). Arrays that belong to no Gaussian
+parameter (a deterministic layer's weight) are refused with their names: a
+structcov file holds Gaussian parameters only.
+
+float32 and float64 are supported; float16 and bfloat16 are refused with a clear
+error. This module imports NumPy; safetensors (the ``structcov[io]`` extra) is
+imported on first use; the backend of ``like`` only when loading into it.
+``import structcov`` imports none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from ._array_api import backend_name, is_array_api_obj, namespace
+from .covariances._base import COVARIANCES, StructuredCovariance
+from .covariances._structure import Structure
+from .gaussian import GaussianParameter
+
+__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "LIKE", "METADATA_KEY", "load", "save"]
+
+#: The key of structcov's entry in the safetensors string metadata.
+METADATA_KEY = "structcov"
+#: The format tag and version that entry carries.
+FORMAT_TAG = "structcov.safetensors"
+FORMAT_VERSION = 1
+#: The backends `load` reads into.
+LIKE = ("numpy", "torch", "jax", "cupy", "array_api_strict")
+
+_DTYPES = ("float32", "float64")
+_SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64"}
+_TOP_FIELDS = ("format", "version", "structcov_version", "kind", "parameters")
+_PARAMETER_FIELDS = (
+    "prefix",
+    "covariance",
+    "config",
+    "structure",
+    "means",
+    "storage",
+    "num_factor_columns",
+    "dtype",
+)
+
+PathLike = str | os.PathLike[str]
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError(
+            "structcov.io needs the safetensors package: pip install 'structcov[io]' "
+            "(or pip install 'safetensors>=0.4')"
+        ) from None
+    return safetensors
+
+
+# =========================================================================== save
+@dataclass(frozen=True)
+class _Entry:
+    """One Gaussian parameter to write: its name prefix and parts."""
+
+    prefix: str
+    covariance: str
+    config: dict[str, Any]
+    structure: Structure
+    means: list[tuple[str, Any]]  # insertion order, None entries kept
+    storage: dict[str, Any]  # path -> array, slot order
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _label(prefix: str) -> str:
+    return repr(prefix) if prefix else "the parameter"
+
+
+def _qualname(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _class_of(structure: Structure) -> type[StructuredCovariance]:
+    """The registered covariance class whose objects have ``structure``'s type.
+
+    Several classes may share one (``LowRankCovariance`` and ``FactorizedCovariance``
+    both hold a ``Factorized``): the most general one, of which the others are
+    subclasses, rebuilds the same structure from the structure's own configuration.
+    """
+    candidates = [c for c in COVARIANCES.values() if c._structure_type is type(structure)]
+    general = [c for c in candidates if all(issubclass(o, c) for o in candidates)]
+    if not general:
+        raise TypeError(
+            f"cannot save a covariance with the structure {type(structure).__name__}: no "
+            f"registered structcov class holds it (registered: {sorted(COVARIANCES)})"
+        )
+    return general[0]
+
+
+def _from_core(param: GaussianParameter, prefix: str) -> _Entry:
+    cov = param.cov
+    name = type(cov).__name__
+    if COVARIANCES.get(name) is not type(cov):
+        raise TypeError(
+            f"structcov.io can save only the structures {sorted(COVARIANCES)} (rebuilt by "
+            f"name when loading); {_label(prefix)} has a {_qualname(cov)}"
+        )
+    return _Entry(
+        prefix, name, cov._config(), cov.structure, list(param.mean.items()), cov.storage()
+    )
+
+
+def _from_torch(module: Any, prefix: str) -> _Entry:
+    """A ``structcov.torch.GaussianParameter``: it keeps the frozen structure only, so
+    the class is the most general one holding it and the ranks are the clamped ones."""
+    structure: Structure = module.cov.structure
+    cls = _class_of(structure)
+    config = structure.config()
+    expected = set(cls._arguments + cls._settings)
+    if set(config) != expected:  # pragma: no cover -- a structure/class registry mismatch
+        raise TypeError(
+            f"cannot save {_label(prefix)}: {type(structure).__name__}.config() has the keys "
+            f"{sorted(config)}, {cls.__name__} takes {sorted(expected)}"
+        )
+    means = [(name, module.mean[name]) for name in module.mean]
+    return _Entry(prefix, cls.__name__, config, structure, means, module.cov.storage())
+
+
+def _torch_gaussian_type() -> type | None:
+    """``structcov.torch.GaussianParameter`` if torch is in use already (else None)."""
+    adapter = sys.modules.get("structcov.torch")
+    found: type | None = None if adapter is None else adapter.GaussianParameter
+    return found
+
+
+def _is_jax_wrapper(value: Any) -> bool:
+    kind = type(value)
+    return kind.__module__ == "structcov.jax" and kind.__qualname__ in (
+        "EquinoxGaussian",
+        "NNXGaussian",
+    )
+
+
+def _is_parameter(value: Any) -> bool:
+    torch_type = _torch_gaussian_type()
+    return (
+        isinstance(value, GaussianParameter)
+        or (torch_type is not None and isinstance(value, torch_type))
+        or _is_jax_wrapper(value)
+    )
+
+
+def _entry(value: Any, prefix: str) -> _Entry:
+    if isinstance(value, GaussianParameter):
+        return _from_core(value, prefix)
+    if _is_jax_wrapper(value):
+        return _from_core(value.param, prefix)
+    return _from_torch(value, prefix)
+
+
+def _collect_torch(module: Any, prefix: str, out: list[_Entry]) -> None:
+    """The ``structcov.torch.GaussianParameter`` s in ``module``, by ``named_modules``."""
+    torch_type = _torch_gaussian_type()
+    found: list[str] = []
+    for name, sub in module.named_modules():
+        if torch_type is not None and isinstance(sub, torch_type):
+            if any(name == f or name.startswith(f"{f}.") for f in found if f):
+                continue  # pragma: no cover -- a parameter module holds no parameter module
+            found.append(name)
+            out.append(_entry(sub, _join(prefix, name)))
+
+    def owned(name: str) -> bool:
+        return any(name.startswith(f"{f}.") for f in found)
+
+    others = [n for n, _ in module.named_parameters() if not owned(n)]
+    others += [n for n, _ in module.named_buffers() if not owned(n)]
+    if others:
+        raise TypeError(
+            f"structcov.io saves Gaussian parameters only; the module {_qualname(module)}"
+            f"{f' at {prefix!r}' if prefix else ''} also holds the tensors {others[:10]}, "
+            "which belong to no structcov.torch.GaussianParameter (save those with "
+            "safetensors.torch or torch.save)"
+        )
+    if not found:
+        raise TypeError(
+            f"the module {_qualname(module)}{f' at {prefix!r}' if prefix else ''} holds no "
+            "structcov.torch.GaussianParameter: nothing to save"
+        )
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)  # pragma: no cover -- JAX's key types all have one of the three
+
+
+def _collect_pytree(tree: Any, prefix: str, out: list[_Entry]) -> None:
+    import jax
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_parameter)
+    stray: list[str] = []
+    count = 0
+    for path, leaf in leaves:
+        name = _join(prefix, ".".join(_key_name(key) for key in path))
+        if _is_parameter(leaf):
+            out.append(_entry(leaf, name))
+            count += 1
+        elif is_array_api_obj(leaf):
+            stray.append(name)
+    if stray:
+        raise TypeError(
+            f"structcov.io saves Gaussian parameters only; the pytree {_qualname(tree)} also "
+            f"holds the arrays {stray[:10]}, which belong to no structcov GaussianParameter"
+        )
+    if not count:
+        raise TypeError(f"the pytree {_qualname(tree)} holds no structcov GaussianParameter")
+
+
+def _collect(value: Any, prefix: str, out: list[_Entry]) -> None:
+    if _is_parameter(value):
+        out.append(_entry(value, prefix))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(
+                    f"the names of a mapping to save must be non-empty strings, got {key!r}"
+                )
+            _collect(item, _join(prefix, key), out)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _collect(item, _join(prefix, str(index)), out)
+    elif "torch" in sys.modules and isinstance(value, sys.modules["torch"].nn.Module):
+        _collect_torch(value, prefix, out)
+    elif "jax" in sys.modules and _has_jax_leaves(value):
+        _collect_pytree(value, prefix, out)
+    else:
+        raise TypeError(
+            "`obj` must be a structcov GaussianParameter (core, structcov.torch module, or "
+            "the Equinox/NNX wrappers of structcov.jax), a torch.nn.Module or JAX pytree of "
+            f"them, or a mapping/list of those; got {_qualname(value)}"
+            + (f" at {prefix!r}" if prefix else "")
+        )
+
+
+def _has_jax_leaves(value: Any) -> bool:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(value, is_leaf=_is_parameter)
+    return not (len(leaves) == 1 and leaves[0] is value)
+
+
+def _to_numpy(value: Any, what: str) -> np.ndarray:
+    """A C-contiguous NumPy copy (or view) of a backend array, on the host."""
+    library = backend_name(namespace(value))
+    if library == "torch":
+        value = value.detach().cpu().resolve_conj().resolve_neg().numpy()
+    elif library == "cupy":
+        value = value.get()
+    elif library == "dask":
+        value = value.compute()
+    try:
+        array = np.asarray(value)
+    except Exception as error:  # a JAX tracer, an array on a device NumPy cannot read
+        raise TypeError(
+            f"cannot save {what}: its {library} array cannot be copied to NumPy "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    return array
+
+
+def _dtype_name(array: np.ndarray, what: str) -> str:
+    name = str(array.dtype)
+    if name not in _DTYPES:
+        raise TypeError(
+            f"structcov.io saves float32 and float64 arrays only; {what} has dtype {name}"
+        )
+    return name
+
+
+def _encode(entries: list[_Entry], kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors by name and the header of ``entries``."""
+    from . import __version__
+
+    tensors: dict[str, np.ndarray] = {}
+    records = []
+    prefixes: set[str] = set()
+    for entry in entries:
+        if entry.prefix in prefixes:
+            raise ValueError(f"two parameters to save have the same name {entry.prefix!r}")
+        prefixes.add(entry.prefix)
+        named: dict[str, tuple[str, Any]] = {}
+        for name, value in entry.means:
+            if value is not None:
+                named[_join(entry.prefix, f"mean.{name}")] = (f"mean[{name!r}]", value)
+        for path, value in entry.storage.items():
+            named[_join(entry.prefix, f"cov.{path}")] = (f"cov storage {path!r}", value)
+        dtype = None
+        for tensor, (what, value) in named.items():
+            where = f"{what} of {_label(entry.prefix)}"
+            if tensor in tensors:
+                raise ValueError(
+                    f"cannot save: the tensor name {tensor!r} of {where} is taken by another "
+                    "parameter (rename a mean or a key so that the dotted names differ)"
+                )
+            array = _to_numpy(value, where)
+            name = _dtype_name(array, where)
+            if dtype is not None and name != dtype:
+                raise TypeError(f"{where} has dtype {name}, the rest {dtype}: cannot save")
+            dtype = name
+            tensors[tensor] = array
+        records.append(
+            {
+                "prefix": entry.prefix,
+                "covariance": entry.covariance,
+                "config": entry.config,
+                "structure": {
+                    "type": type(entry.structure).__name__,
+                    "config": entry.structure.config(),
+                },
+                "means": [
+                    [name, None if value is None else [int(d) for d in value.shape]]
+                    for name, value in entry.means
+                ],
+                "storage": [
+                    [path, [int(d) for d in value.shape]] for path, value in entry.storage.items()
+                ],
+                "num_factor_columns": entry.structure.num_factor_columns,
+                "dtype": dtype,
+            }
+        )
+    header = {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "structcov_version": __version__,
+        "kind": kind,
+        "parameters": records,
+    }
+    return tensors, header
+
+
+def _write_bytes(handle: IO[bytes], data: bytes) -> None:
+    """Write ``data`` to ``handle`` (one seam, so that a crash mid-write can be tested)."""
+    handle.write(data)
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits of the file ``path`` after an atomic write: those of the file
+    it replaces, else the usual default (0o666 less the umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = _mode_for(path)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            _write_bytes(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    # Make the rename itself durable (not possible on every platform / file system).
+    with contextlib.suppress(OSError):
+        directory_descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_descriptor)
+        finally:
+            os.close(directory_descriptor)
+
+
+def save(file: PathLike, obj: Any) -> None:
+    """Write Gaussian parameters of any backend to a safetensors file, atomically.
+
+    Parameters
+    ----------
+    file
+        A path (``str`` or ``os.PathLike``); ``.safetensors`` is the usual suffix (none
+        is added). An existing file is replaced only once the new one is complete.
+    obj
+        A core `structcov.GaussianParameter` (NumPy, torch, JAX, CuPy,
+        array_api_strict or dask arrays; dask is computed), a
+        ``structcov.torch.GaussianParameter`` module, a ``torch.nn.Module`` holding
+        such modules, an Equinox / NNX wrapper of `structcov.jax`, a JAX pytree of
+        those or of core parameters, or a mapping name -> any of those (or a list).
+        A single parameter is saved with no prefix and `load` returns it; anything
+        else is a collection, each parameter under its dotted name (mapping keys,
+        ``named_modules`` names, pytree key paths), and `load` returns a dict.
+
+    Raises
+    ------
+    TypeError
+        For an object that holds no Gaussian parameter, a collection that also holds
+        arrays of no Gaussian parameter, a covariance class outside structcov's
+        registry, or a dtype other than float32/float64.
+    ValueError
+        For two parameters or tensors with the same dotted name.
+
+    Notes
+    -----
+    A ``structcov.torch.GaussianParameter`` keeps only its frozen structure, so it is
+    saved under the most general class holding that structure
+    (``LowRankCovariance`` -> ``FactorizedCovariance``, same maths and storage) with
+    its clamped ranks; core parameters keep their class and requested ranks.
+    """
+    safetensors = _safetensors()
+    if not isinstance(file, (str, os.PathLike)):
+        raise TypeError(f"`file` must be a path (str or os.PathLike), got {_qualname(file)}")
+    path = os.fspath(file)
+    entries: list[_Entry] = []
+    _collect(obj, "", entries)
+    single = len(entries) == 1 and entries[0].prefix == "" and _is_parameter(obj)
+    tensors, header = _encode(entries, "parameter" if single else "collection")
+    data = safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(header)})
+    _atomic_write(path, data)
+
+
+# =========================================================================== load
+class _Invalid(ValueError):
+    """A structcov file whose header or tensors are wrong; ``detail`` says what."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _NotOurs(ValueError):
+    """A file that is not a readable structcov safetensors file; ``detail`` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One parameter of the header, checked for types."""
+
+    prefix: str
+    covariance: type[StructuredCovariance]
+    arguments: dict[str, Any]
+    settings: dict[str, Any]
+    structure_type: str
+    structure_config: dict[str, Any]
+    means: list[tuple[str, tuple[int, ...] | None]]
+    storage: list[tuple[str, tuple[int, ...]]]
+    num_factor_columns: int
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"parameter {self.prefix!r}" if self.prefix else "the parameter"
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, means first, as `save` names them."""
+        out = {
+            _join(self.prefix, f"mean.{name}"): shape
+            for name, shape in self.means
+            if shape is not None
+        }
+        out.update({_join(self.prefix, f"cov.{path}"): shape for path, shape in self.storage})
+        return out
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise _Invalid(f"{what} must be a list of non-negative ints, got {value!r}")
+    return tuple(value)
+
+
+def _pairs(value: Any, what: str) -> list[tuple[str, Any]]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in value
+    ):
+        raise _Invalid(f"{what} must be a list of [name, shape] pairs, got {value!r}")
+    names = [p[0] for p in value]
+    if len(set(names)) != len(names):
+        raise _Invalid(f"{what} repeats a name: {names}")
+    return [(p[0], p[1]) for p in value]
+
+
+def _fields(value: Any, fields: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != set(fields):
+        got = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise _Invalid(f"{what} must be an object with the fields {sorted(fields)}, got {got}")
+    return value
+
+
+def _record(value: Any, index: int) -> _Record:
+    what = f"header parameter {index}"
+    fields = _fields(value, _PARAMETER_FIELDS, what)
+    prefix = fields["prefix"]
+    if not isinstance(prefix, str):
+        raise _Invalid(f"{what}: 'prefix' must be a string, got {prefix!r}")
+    what = f"header parameter {prefix!r}" if prefix else "header parameter"
+    name = fields["covariance"]
+    if not isinstance(name, str) or name not in COVARIANCES:
+        raise _Invalid(
+            f"{what}: unknown covariance {name!r}; this structcov knows {sorted(COVARIANCES)}"
+        )
+    cls = COVARIANCES[name]
+    config = fields["config"]
+    expected = cls._arguments + cls._settings
+    if not isinstance(config, dict) or set(config) != set(expected):
+        raise _Invalid(
+            f"{what}: 'config' of {name} must have the keys {list(expected)}, got {config!r}"
+        )
+    for key in cls._arguments:
+        if config[key] is not None and type(config[key]) is not int:
+            raise _Invalid(
+                f"{what}: {name} argument {key!r} must be an int or null, got {config[key]!r}"
+            )
+    for key in cls._settings:
+        if type(config[key]) not in (int, float):
+            raise _Invalid(f"{what}: {name} setting {key!r} must be a number, got {config[key]!r}")
+    structure = _fields(fields["structure"], ("type", "config"), f"{what}: 'structure'")
+    if structure["type"] != cls._structure_type.__name__ or not isinstance(
+        structure["config"], dict
+    ):
+        raise _Invalid(
+            f"{what}: 'structure' of {name} must be a {cls._structure_type.__name__} with a "
+            f"config object, got {structure!r}"
+        )
+    means = [
+        (mean, None if shape is None else _shape(shape, f"{what}: the shape of mean {mean!r}"))
+        for mean, shape in _pairs(fields["means"], f"{what}: 'means'")
+    ]
+    if not any(shape is not None for _, shape in means):
+        raise _Invalid(f"{what}: 'means' must name at least one mean with a shape, got {means}")
+    storage = [
+        (path, _shape(shape, f"{what}: the shape of storage {path!r}"))
+        for path, shape in _pairs(fields["storage"], f"{what}: 'storage'")
+    ]
+    columns = fields["num_factor_columns"]
+    if type(columns) is not int:
+        raise _Invalid(f"{what}: 'num_factor_columns' must be an int, got {columns!r}")
+    dtype = fields["dtype"]
+    if dtype not in _DTYPES:
+        raise _Invalid(f"{what}: 'dtype' must be one of {list(_DTYPES)}, got {dtype!r}")
+    return _Record(
+        prefix=prefix,
+        covariance=cls,
+        arguments={key: config[key] for key in cls._arguments},
+        settings={key: config[key] for key in cls._settings},
+        structure_type=structure["type"],
+        structure_config=structure["config"],
+        means=means,
+        storage=storage,
+        num_factor_columns=columns,
+        dtype=dtype,
+    )
+
+
+def _parse(text: str) -> tuple[str, list[_Record]]:
+    """The header's kind and records; `_NotOurs` for another format, `_Invalid` else."""
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _Invalid(f"the {METADATA_KEY!r} metadata entry is not valid JSON ({error})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_TAG:
+        tag = header.get("format") if isinstance(header, dict) else None
+        raise _NotOurs(
+            f"its {METADATA_KEY!r} metadata entry carries the format tag {tag!r}, expected "
+            f"{FORMAT_TAG!r}: it was not written by structcov.io"
+        )
+    version = header.get("version")
+    if version != FORMAT_VERSION:
+        newer = type(version) is int and version > FORMAT_VERSION
+        raise _Invalid(
+            f"unknown format version {version!r}: this structcov reads version "
+            f"{FORMAT_VERSION}" + (" (the file was written by a newer structcov)" if newer else "")
+        )
+    _fields(header, _TOP_FIELDS, f"the {METADATA_KEY!r} header")
+    kind = header["kind"]
+    if kind not in ("parameter", "collection"):
+        raise _Invalid(f"header 'kind' must be 'parameter' or 'collection', got {kind!r}")
+    parameters = header["parameters"]
+    if not isinstance(parameters, list) or not parameters:
+        raise _Invalid(f"header 'parameters' must be a non-empty list, got {parameters!r}")
+    records = [_record(value, index) for index, value in enumerate(parameters)]
+    prefixes = [record.prefix for record in records]
+    if len(set(prefixes)) != len(prefixes):
+        raise _Invalid(f"header 'parameters' repeats a prefix: {prefixes}")
+    if kind == "parameter" and prefixes != [""]:
+        raise _Invalid(f"a 'parameter' header has one parameter with prefix '', got {prefixes}")
+    if kind == "collection" and "" in prefixes:
+        raise _Invalid("a 'collection' header names every parameter (a prefix '' was found)")
+    return kind, records
+
+
+def _check_tensors(records: list[_Record], handle: Any) -> None:
+    """The file holds exactly the header's tensors, each of the header's shape and dtype."""
+    expected: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for record in records:
+        for tensor, shape in record.tensors().items():
+            if tensor in expected:
+                raise _Invalid(f"header names the tensor {tensor!r} twice")
+            expected[tensor] = (shape, record.dtype, record.label)
+    keys = list(handle.keys())
+    missing = [k for k in expected if k not in keys]
+    extra = [k for k in keys if k not in expected]
+    if missing or extra:
+        parts = ([f"missing tensors {missing}"] if missing else []) + (
+            [f"unexpected tensors {extra}"] if extra else []
+        )
+        raise _Invalid(f"{' and '.join(parts)} (the header describes {list(expected)})")
+    for tensor, (shape, dtype, label) in expected.items():
+        found = handle.get_slice(tensor)
+        got_shape, got_dtype = tuple(found.get_shape()), found.get_dtype()
+        if got_shape != shape:
+            raise _Invalid(
+                f"tensor {tensor!r} of {label} has shape {got_shape}, the header says {shape}"
+            )
+        if got_dtype != _SAFETENSORS_DTYPES[dtype]:
+            raise _Invalid(
+                f"tensor {tensor!r} of {label} has dtype {got_dtype}, the header says {dtype}"
+            )
+
+
+def _converter(like: str, device: Any, dtypes: set[str]) -> Callable[[np.ndarray], Any]:
+    """NumPy array -> array of ``like`` on ``device`` (dtype kept, values bit for bit)."""
+    if like == "numpy":
+        if device not in (None, "cpu"):
+            raise ValueError(f'`device` must be None or "cpu" for like="numpy", got {device!r}')
+        return lambda array: array
+    if like == "torch":
+        import torch
+
+        target = None if device is None else torch.device(device)
+        return lambda array: torch.from_numpy(array).to(device=target)
+    if like == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from . import jax as _registers_pytrees  # noqa: F401 -- loaded parameters are pytrees
+
+        x64: Any = jax.config.read  # untyped in jax's stubs
+        if "float64" in dtypes and not x64("jax_enable_x64"):
+            raise _Invalid(
+                "it holds float64 arrays and JAX's 64-bit mode is off, so JAX would turn them "
+                "into float32: set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', "
+                "True)) before loading"
+            )
+
+        def to_jax(array: np.ndarray) -> Any:
+            value = jnp.asarray(array, dtype=array.dtype)
+            return value if device is None else jax.device_put(value, device)
+
+        return to_jax
+    if like == "cupy":
+        try:
+            import cupy
+        except ImportError:
+            raise ImportError(
+                'like="cupy" needs CuPy, which is not installed (pip install structcov[cupy] '
+                "on a machine with a CUDA device)"
+            ) from None
+
+        def to_cupy(array: np.ndarray) -> Any:
+            if device is None:
+                return cupy.asarray(array)
+            with cupy.cuda.Device(device):
+                return cupy.asarray(array)
+
+        return to_cupy
+    import array_api_strict
+
+    if device is None:
+        return lambda array: array_api_strict.asarray(array)
+    return lambda array: array_api_strict.asarray(array, device=device)
+
+
+def _rebuild(record: _Record, arrays: dict[str, Any], module: bool) -> GaussianParameter | Any:
+    """Rebuild one parameter through the registry and check it against the header."""
+    cls = record.covariance
+    mean = {
+        name: None if shape is None else arrays[_join(record.prefix, f"mean.{name}")]
+        for name, shape in record.means
+    }
+    storage = {path: arrays[_join(record.prefix, f"cov.{path}")] for path, _ in record.storage}
+    try:
+        cov = cls(**record.arguments)
+        for key, value in record.settings.items():
+            setattr(cov, key, value)
+        if module:
+            from .torch import GaussianParameter as TorchGaussian
+
+            param: Any = TorchGaussian(mean, cov)
+            rebuilt = param.cov
+        else:
+            param = GaussianParameter(mean, cov)
+            rebuilt = cov
+    except (TypeError, ValueError) as error:
+        raise _Invalid(
+            f"{record.label}: the header does not describe a valid {cls.__name__}: {error}"
+        ) from None
+    structure: Structure = rebuilt.structure
+    layout = structure.layout
+    header_layout = [(name, shape) for name, shape in record.means if shape is not None]
+    rebuilt_storage = [(slot.path, slot.shape) for slot in structure.slots]
+    mismatches = []
+    if type(structure).__name__ != record.structure_type:  # pragma: no cover -- class checked
+        mismatches.append(f"structure {type(structure).__name__} != {record.structure_type}")
+    if structure.config() != record.structure_config:
+        mismatches.append(
+            f"structure config {structure.config()} != header {record.structure_config}"
+        )
+    if list(zip(layout.names, layout.shapes, strict=True)) != header_layout:
+        mismatches.append(  # pragma: no cover -- the means are the header's
+            f"layout {list(zip(layout.names, layout.shapes, strict=True))} != {header_layout}"
+        )
+    if rebuilt_storage != record.storage:
+        mismatches.append(f"storage {rebuilt_storage} != header {record.storage}")
+    if structure.num_factor_columns != record.num_factor_columns:
+        mismatches.append(
+            f"K = {structure.num_factor_columns} != header {record.num_factor_columns}"
+        )
+    if mismatches:
+        raise _Invalid(
+            f"{record.label}: a {cls.__name__} with {record.arguments | record.settings} over "
+            f"these means does not match the header: {'; '.join(mismatches)}"
+        )
+    rebuilt.load_storage(storage)
+    return param
+
+
+def _check_like(like: Any, module: bool) -> None:
+    if like not in LIKE:
+        raise ValueError(f"`like` must be one of {list(LIKE)}, got {like!r}")
+    if module and like != "torch":
+        raise ValueError(
+            f'`module=True` gives structcov.torch modules and needs like="torch", got {like!r}'
+        )
+
+
+def load(file: PathLike, *, like: str = "numpy", device: Any = None, module: bool = False) -> Any:
+    """Read Gaussian parameters written by `save` into the backend ``like``.
+
+    Nothing in the file is executed: the covariance classes are looked up by name in
+    structcov's registry and rebuilt through their constructors,
+    ``GaussianParameter(mean, cov)`` and ``cov.load_storage``; the rebuilt structure
+    must equal the header's. Values are bit for bit those saved, in the saved dtype.
+
+    Parameters
+    ----------
+    file
+        A path (``str`` or ``os.PathLike``).
+    like
+        The backend of the arrays: ``"numpy"`` (default), ``"torch"``, ``"jax"``,
+        ``"cupy"`` or ``"array_api_strict"``. For ``"jax"``, a float64 file needs JAX's
+        64-bit mode (``JAX_ENABLE_X64=1``): without it the load raises rather than
+        silently downcasting; ``structcov.jax`` is imported, so the results are pytrees.
+    device
+        Where the arrays go: ``None`` (the backend's default), a ``torch.device`` or
+        string for torch, a ``jax.Device`` for JAX (``jax.device_put``), a device id for
+        CuPy, an ``array_api_strict`` device; only ``None`` / ``"cpu"`` for NumPy.
+    module
+        ``like="torch"`` only: return ``structcov.torch.GaussianParameter`` modules
+        (``nn.Parameter`` s, ready to train) instead of core parameters of tensors.
+
+    Returns
+    -------
+    GaussianParameter or dict
+        The parameter, for a file holding one saved on its own; else a dict dotted
+        name -> parameter, in the saved order (the names of `save`).
+
+    Raises
+    ------
+    ValueError
+        Naming the file: "not a structcov safetensors file: <file>: ..." for a file
+        safetensors cannot read (truncated, corrupt, not safetensors) or one without
+        structcov's metadata entry (another writer's safetensors file);
+        "invalid structcov safetensors file: <file>: ..." for structcov's entry with bad
+        JSON, an unknown format version, wrong fields, missing or unexpected tensors, a
+        shape or dtype that differs from the header, or a header that does not describe
+        the structure it names (e.g. ranks that do not fit the shapes).
+    FileNotFoundError
+        When ``file`` does not exist.
+    """
+    _check_like(like, module)
+    safetensors = _safetensors()
+    if not isinstance(file, (str, os.PathLike)):
+        raise TypeError(f"`file` must be a path (str or os.PathLike), got {_qualname(file)}")
+    path = os.fspath(file)
+    if not os.path.isfile(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such structcov file: {path!r}")
+        raise ValueError(f"not a structcov safetensors file: {path}: it is not a regular file")
+    try:
+        handle = safetensors.safe_open(path, framework="numpy")
+    except Exception as error:  # SafetensorError, OSError: truncated, corrupt, unreadable
+        raise ValueError(
+            f"not a structcov safetensors file: {path}: it cannot be read as safetensors, or is "
+            f"truncated or corrupt ({type(error).__name__}: {error})"
+        ) from None
+    try:
+        with handle:
+            metadata = handle.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise _NotOurs(
+                    f"it is a safetensors file without structcov's {METADATA_KEY!r} metadata "
+                    f"entry, so it was not written by structcov.io (metadata keys: "
+                    f"{sorted(metadata)[:10]}, tensors: {list(handle.keys())[:10]})"
+                )
+            kind, records = _parse(metadata[METADATA_KEY])
+            _check_tensors(records, handle)
+            convert = _converter(like, device, {record.dtype for record in records})
+            arrays = {
+                tensor: convert(handle.get_tensor(tensor))
+                for record in records
+                for tensor in record.tensors()
+            }
+    except _NotOurs as error:
+        raise ValueError(f"not a structcov safetensors file: {path}: {error.detail}") from None
+    except _Invalid as error:
+        raise ValueError(f"invalid structcov safetensors file: {path}: {error.detail}") from None
+    try:
+        params = {record.prefix: _rebuild(record, arrays, module) for record in records}
+    except _Invalid as error:
+        raise ValueError(f"invalid structcov safetensors file: {path}: {error.detail}") from None
+    return params[""] if kind == "parameter" else params
