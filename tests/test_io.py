@@ -719,22 +719,34 @@ def test_torch_module_round_trip(tmp_path: Path) -> None:
 
 
 @torch_session
-def test_torch_module_keeps_its_structure_not_its_class(tmp_path: Path) -> None:
-    """A torch module holds the frozen structure only: a LowRankCovariance comes back as
-    the FactorizedCovariance of the same rank (same maths and storage)."""
+def test_torch_module_keeps_its_class_and_requested_ranks(tmp_path: Path) -> None:
+    """A torch module remembers the core class and configuration it was built from: a
+    LowRankCovariance(1000) over 5 parameters comes back as LowRankCovariance(1000), and
+    a Kronecker module's sample_scale set on the module is saved."""
     import torch
 
     import structcov.torch as sct
 
-    q = sct.GaussianParameter({"w": torch.randn(5, dtype=torch.float64)}, sc.LowRankCovariance(2))
+    q = sct.GaussianParameter(
+        {"w": torch.randn(5, dtype=torch.float64)}, sc.LowRankCovariance(1000)
+    )
     q.cov.reset_parameters(1.0, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "q.safetensors"
     sio.save(path, q)
     record = _header(path)["parameters"][0]
-    assert record["covariance"] == "FactorizedCovariance" and record["config"] == {"rank": 2}
+    assert record["covariance"] == "LowRankCovariance" and record["config"] == {"rank": 1000}
     loaded = sio.load(path, like="torch")
-    assert type(loaded.cov) is sc.FactorizedCovariance and loaded.cov.rank == 2
+    assert type(loaded.cov) is sc.LowRankCovariance and loaded.cov.rank == 5
+    assert loaded.cov._requested_rank == 1000
     assert_same_storage(q, loaded, "torch")
+
+    k = sct.GaussianParameter({"weight": torch.randn(3, 2)}, sc.KroneckerCovariance(None, 2))
+    k.cov.sample_scale = 0.25
+    sio.save(path, k)
+    record = _header(path)["parameters"][0]
+    assert record["covariance"] == "KroneckerCovariance"
+    assert record["config"] == {"input_rank": None, "output_rank": 2, "sample_scale": 0.25}
+    assert sio.load(path, like="numpy").cov.sample_scale == 0.25
 
 
 @torch_session

@@ -170,9 +170,15 @@ def _from_core(param: GaussianParameter, prefix: str) -> _Entry:
 
 
 def _from_torch(module: Any, prefix: str) -> _Entry:
-    """A ``structcov.torch.GaussianParameter``: it keeps the frozen structure only, so
-    the class is the most general one holding it and the ranks are the clamped ones."""
+    """A ``structcov.torch.GaussianParameter``: the core class and configuration it was
+    built from; failing that, the most general class holding its structure with the
+    clamped ranks."""
     structure: Structure = module.cov.structure
+    name = getattr(module.cov, "_covariance_class", None)
+    if name is not None and COVARIANCES.get(name) is not None:
+        means = [(n, module.mean[n]) for n in module.mean]
+        config = module.cov._config()
+        return _Entry(prefix, name, config, structure, means, module.cov.storage())
     cls = _class_of(structure)
     config = structure.config()
     expected = set(cls._arguments + cls._settings)

@@ -16,6 +16,10 @@ sync, so ``.to()``, ``load_state_dict``, ``torch.func.functional_call`` and
 to the constructor gives its structure and current storage (copied into
 ``nn.Parameter`` s) and then belongs to this module: use ``q.cov`` afterwards.
 
+Layers (`Linear`, `Sequential`) are thin modules around the core's functional
+`structcov.linear`; `kl_divergence(model, prior)` sums over every
+`GaussianParameter` of a model and `predictive` stacks or averages sampled outputs.
+
 Example::
 
     q = structcov.torch.GaussianParameter(
@@ -30,7 +34,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -40,8 +46,20 @@ from . import functional as _functional
 from . import gaussian as _gaussian
 from .covariances import CovarianceMethods, StructuredCovariance
 from .covariances._structure import Storage, Structure
+from .functional import sample_shape_of
+from .layers import linear as _linear
 
-__all__ = ["Covariance", "GaussianParameter", "kl_divergence", "normal_prior", "param_groups"]
+__all__ = [
+    "Covariance",
+    "DeterministicParameter",
+    "GaussianParameter",
+    "Linear",
+    "Sequential",
+    "kl_divergence",
+    "normal_prior",
+    "param_groups",
+    "predictive",
+]
 
 
 def _as_parameter(value: torch.Tensor) -> nn.Parameter:
@@ -76,6 +94,14 @@ class NamedParameters(nn.Module):
     def items(self) -> Any:
         return self._parameters.items()
 
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._parameters.get(name, default)
+
+
+# A read-only mapping name -> parameter (not a Mapping subclass: Mapping's __eq__ would
+# make modules unhashable), so core functions take it wherever they take a mapping.
+Mapping.register(NamedParameters)
+
 
 class Covariance(CovarianceMethods, nn.Module):
     """A covariance's storage as ``nn.Parameter`` s and its frozen structure.
@@ -87,9 +113,19 @@ class Covariance(CovarianceMethods, nn.Module):
     parameters.
     """
 
-    def __init__(self, structure: Structure, storage: Storage) -> None:
+    def __init__(
+        self,
+        structure: Structure,
+        storage: Storage,
+        origin: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._frozen = structure
+        # The core class and its constructor configuration (requested ranks, settings)
+        # this module was built from: what a checkpoint needs to rebuild the same object.
+        name, config = origin if origin is not None else (None, structure.config())
+        self._covariance_class: str | None = name
+        self._origin_config = dict(config)
         for path in structure.paths:
             array = cast(torch.Tensor, storage[path])
             attribute, _, name = path.partition(".")
@@ -176,6 +212,12 @@ class Covariance(CovarianceMethods, nn.Module):
             )
         config["sample_scale"] = value
         self._frozen = type(self._frozen).build(self._frozen.layout, **config)
+        self._origin_config["sample_scale"] = self._frozen.config()["sample_scale"]
+
+    def _config(self) -> dict[str, Any]:
+        """The core constructor's configuration (requested ranks, settings), as
+        ``StructuredCovariance._config`` gives it."""
+        return dict(self._origin_config)
 
     def extra_repr(self) -> str:
         return repr(self._frozen)
@@ -212,7 +254,9 @@ class GaussianParameter(_gaussian.GaussianMethods, nn.Module):
         for name, value in core.mean.items():
             holder.register_parameter(name, None if value is None else _as_parameter(value))
         self.mean = holder
-        self.cov = Covariance(cov.structure, cov._ops_storage())
+        self.cov = Covariance(
+            cov.structure, cov._ops_storage(), origin=(type(cov).__name__, cov._config())
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -235,11 +279,6 @@ class GaussianParameter(_gaussian.GaussianMethods, nn.Module):
 
     def forward(self, sample_shape: Any = (), generator: Any = None) -> dict[str, torch.Tensor]:
         return cast(dict[str, torch.Tensor], self.sample(sample_shape, generator))
-
-
-def kl_divergence(q: Any, p: Any) -> torch.Tensor:
-    """KL(q || p) for modules of this adapter or core ``GaussianParameter`` s (see the core)."""
-    return cast(torch.Tensor, _gaussian.kl_divergence(q, p))
 
 
 def normal_prior(like: Any, scale: Any = 1.0) -> _gaussian.GaussianParameter:
@@ -268,3 +307,378 @@ def param_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
     rest = [parameter for parameter in module.parameters() if id(parameter) not in seen]
     groups = [{"params": rest, "lr": lr}] if rest else []
     return groups + [{"params": params, "lr": rate} for rate, params in scaled.items()]
+
+
+# ------------------------------------------------------------------ model-level inference
+def _gaussian_modules(module: nn.Module) -> dict[str, GaussianParameter]:
+    """Module path -> every `GaussianParameter` in ``module`` (``""`` for itself)."""
+    return {
+        path: found
+        for path, found in module.named_modules()
+        if isinstance(found, GaussianParameter)
+    }
+
+
+def kl_divergence(q: Any, p: Any) -> torch.Tensor:
+    """KL(q || p) for one parameter or summed over a whole model, a 0-D tensor.
+
+    - ``q`` and ``p`` Gaussian parameters (modules of this adapter or core
+      ``GaussianParameter`` s): the core's exact KL (see `structcov.kl_divergence`).
+    - ``q`` any ``nn.Module`` holding `GaussianParameter` submodules (e.g. a
+      `Sequential` of `Linear` layers): the sum of each one's KL. Deterministic
+      layers (``cov=None``) take no part.
+
+    ``p`` is then a float ``sigma`` — each parameter's prior is
+    ``normal_prior(q_i, sigma)`` = N(0, sigma^2 I), built on each call — or a model of
+    the same layout, whose `GaussianParameter` s are paired with ``q`` 's by module
+    path (the same paths on both sides, else ``ValueError``).
+    """
+    if isinstance(q, _gaussian.GaussianMethods) and not _is_scale(p):
+        return cast(torch.Tensor, _gaussian.kl_divergence(q, p))
+    if isinstance(q, _gaussian.GaussianMethods):
+        return cast(torch.Tensor, _gaussian.kl_divergence(q, _gaussian.normal_prior(q, p)))
+    if not isinstance(q, nn.Module):
+        raise TypeError(
+            "`q` must be a structcov GaussianParameter or an nn.Module holding "
+            f"structcov.torch.GaussianParameter submodules, got {type(q).__name__}"
+        )
+    q_parts = _gaussian_modules(q)
+    if not q_parts:
+        raise ValueError(
+            f"`q` ({type(q).__name__}) holds no structcov.torch.GaussianParameter "
+            "(a model of deterministic layers has no KL)"
+        )
+    if _is_scale(p):
+        terms = [
+            _gaussian.kl_divergence(part, _gaussian.normal_prior(part, p))
+            for part in q_parts.values()
+        ]
+    elif isinstance(p, nn.Module):
+        p_parts = _gaussian_modules(p)
+        if set(p_parts) != set(q_parts):
+            raise ValueError(
+                "`p` must hold GaussianParameters at the same module paths as `q`: "
+                f"expected {sorted(q_parts)}, got {sorted(p_parts)}"
+            )
+        terms = [_gaussian.kl_divergence(part, p_parts[path]) for path, part in q_parts.items()]
+    else:
+        raise TypeError(
+            "`p` must be a float prior scale (N(0, p^2 I)) or a model of the same layout as "
+            f"`q`, got {type(p).__name__}"
+        )
+    return torch.stack([cast(torch.Tensor, t) for t in terms]).sum()
+
+
+def _is_scale(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def predictive(
+    model: nn.Module,
+    x: torch.Tensor,
+    sample_shape: Any = (),
+    generator: torch.Generator | None = None,
+    *,
+    probabilities: bool = False,
+) -> torch.Tensor:
+    """The model's outputs over parameter samples, stacked or as averaged probabilities.
+
+    ``model(x, sample_shape, generator)`` must follow the layers' forward (`Linear`,
+    `Sequential`). Returns the stacked outputs ``(*sample_shape, *batch, out)``, or
+    with ``probabilities=True`` the Monte Carlo predictive
+    ``mean_s softmax(y_s)`` of shape ``(*batch, out)`` (softmax over the last axis,
+    averaged over the sample axes). ``sample_shape=None`` uses the means (the
+    softmax of the mean forward with ``probabilities=True``). Gradients flow as
+    usual: wrap in ``torch.no_grad()`` for evaluation.
+    """
+    shape = None if sample_shape is None else sample_shape_of(sample_shape)
+    out = cast(torch.Tensor, model(x, shape, generator))
+    if not probabilities:
+        return out
+    probs = torch.softmax(out, dim=-1)
+    if not shape:
+        return probs
+    return probs.mean(dim=tuple(range(len(shape))))
+
+
+# ------------------------------------------------------------------ layers
+class DeterministicParameter(nn.Module):
+    """The means of a deterministic layer (``cov=None``): ``mean.<name>``, ``cov`` is None.
+
+    Laid out like `GaussianParameter` (the same ``mean.<name>`` state-dict keys, ``None``
+    entries registered as ``None``) so a layer's state dict has the same mean keys with
+    or without a covariance. It takes no part in `kl_divergence` or `param_groups`
+    scaling.
+    """
+
+    mean: NamedParameters
+    cov: None
+
+    def __init__(self, mean: Mapping[str, torch.Tensor | None]) -> None:
+        super().__init__()
+        holder = NamedParameters()
+        for name, value in mean.items():
+            holder.register_parameter(name, None if value is None else _as_parameter(value))
+        self.mean = holder
+        self.cov = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The participating (non-``None``) mean names."""
+        return tuple(name for name, value in self.mean.items() if value is not None)
+
+    def __getitem__(self, name: str) -> nn.Parameter | None:
+        return self.mean[name]
+
+
+class _Sampled(nn.Module):
+    """A layer whose forward takes ``(input, sample_shape, generator, ...)`` (see `Sequential`)."""
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a forward draws parameters (a deterministic layer only replicates)."""
+        raise NotImplementedError
+
+
+CovarianceSpec = StructuredCovariance | Callable[[], StructuredCovariance] | None
+
+
+class Linear(_Sampled):
+    r"""A dense layer ``y = x W^T + b`` with Gaussian (or fixed) parameters.
+
+    Thin glue around `structcov.linear`: the layer owns ``params`` and calls
+    ``structcov.linear(input, self.params, ...)`` for every forward, so the
+    structure-aware evaluation and its costs are the core's.
+
+    Parameters
+    ----------
+    in_features, out_features
+        The sizes of the input and output (at least 1).
+    bias
+        Whether the layer has a bias (else ``params["bias"]`` is ``None``).
+    cov
+        ``None``: a deterministic layer (an ordinary linear layer). Else a core
+        covariance, e.g. ``structcov.KroneckerCovariance()``, or a zero-argument
+        callable returning one (``structcov.DiagonalCovariance``, ``lambda:
+        structcov.LowRankPlusDiagonalCovariance(2)``), called once for this layer.
+        A covariance object belongs to one parameter: passing one that another layer
+        already uses raises ``ValueError`` (pass a callable to build one per layer).
+    local_reparameterization
+        `structcov.DiagonalCovariance` only: draw output noise instead of weights
+        (see `structcov.linear`: it changes the joint distribution across the batch).
+    device, dtype
+        Where and in which dtype the parameters are created.
+
+    Attributes
+    ----------
+    params
+        A `GaussianParameter` (or a `DeterministicParameter` for ``cov=None``) with means
+        ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``
+        (``None`` without bias): state-dict keys ``params.mean.weight``,
+        ``params.mean.bias``, ``params.cov.<storage path>``.
+
+    Notes
+    -----
+    Initialisation (`reset_parameters`): the means as ``torch.nn.Linear`` (Kaiming
+    uniform weight, bias uniform in ±1/sqrt(in_features); drawn from torch's global
+    RNG in the same order, so after the same ``torch.manual_seed`` the means equal
+    ``nn.Linear`` 's), then ``params.cov.reset_parameters(1 / sqrt(in_features))``:
+    the covariance is drawn at the scale of the mean's initialisation in the standard
+    parametrization (each structure sets its std from that scale, e.g. scale /
+    sqrt(rank) for factors). Every stored array is drawn non-zero, so every one gets
+    a gradient (a zero Kronecker factor pair would be a saddle point).
+
+    ``load_state_dict`` also accepts a ``torch.nn.Linear`` state dict (keys
+    ``weight``, ``bias``): it sets the means and keeps the covariance as it is
+    (strict loading passes).
+    """
+
+    params: GaussianParameter | DeterministicParameter
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        cov: CovarianceSpec = None,
+        *,
+        local_reparameterization: bool = False,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for argument, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.local_reparameterization = local_reparameterization
+        factory = {"device": device, "dtype": dtype}
+        mean: dict[str, torch.Tensor | None] = {
+            "weight": torch.empty(out_features, in_features, **factory),
+            "bias": torch.empty(out_features, **factory) if bias else None,
+        }
+        if cov is None:
+            if local_reparameterization:
+                raise ValueError("`local_reparameterization=True` needs a covariance, got cov=None")
+            self.params = DeterministicParameter(mean)
+        else:
+            core = cov if isinstance(cov, StructuredCovariance) else cov()
+            if not isinstance(core, StructuredCovariance):
+                raise TypeError(
+                    "`cov` must be None, a structcov covariance (e.g. "
+                    "structcov.KroneckerCovariance()) or a zero-argument callable returning "
+                    f"one, got {type(core).__name__}"
+                )
+            self.params = GaussianParameter(mean, core)
+        self.reset_parameters()
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the layer has a covariance (``cov`` was given)."""
+        return isinstance(self.params, GaussianParameter)
+
+    def reset_parameters(self) -> None:
+        """Draw the means as ``nn.Linear`` does, then the covariance at 1/sqrt(in_features)."""
+        weight = cast(torch.Tensor, self.params.mean["weight"])
+        bias = self.params.mean["bias"]  # registered, None without bias
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.in_features)
+        if bias is not None:
+            nn.init.uniform_(bias, -bound, bound)
+        if isinstance(self.params, GaussianParameter):
+            self.params.cov.reset_parameters(bound, generator=None)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        /,
+        sample_shape: Any = (),
+        generator: torch.Generator | None = None,
+        input_contains_samples: bool = False,
+        parameter_samples: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(*sample_shape, *batch, out_features)`` from ``(*batch, in_features)``.
+
+        See `structcov.linear` for the arguments: one parameter draw per sample index,
+        shared by the batch; ``sample_shape=None`` gives the mean forward ``(*batch,
+        out_features)``; ``input_contains_samples=True`` takes an input
+        ``(*sample_shape, *batch, in_features)``; ``parameter_samples`` uses given
+        samples instead of drawing.
+
+        A deterministic layer (``cov=None``) computes ``x W^T + b`` once; a
+        ``sample_shape`` only adds leading axes, replicated (a broadcast view of the
+        one result: clone it before writing in place). It takes no
+        ``parameter_samples``.
+        """
+        if isinstance(self.params, GaussianParameter):
+            return cast(
+                torch.Tensor,
+                _linear(
+                    input,
+                    self.params,
+                    sample_shape,
+                    generator,
+                    input_contains_samples=input_contains_samples,
+                    parameter_samples=parameter_samples,
+                    local_reparameterization=self.local_reparameterization,
+                ),
+            )
+        if parameter_samples is not None:
+            raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
+        weight = cast(torch.Tensor, self.params.mean["weight"])
+        out = nn.functional.linear(input, weight, self.params.mean["bias"])
+        if sample_shape is None:
+            if input_contains_samples:
+                raise ValueError(
+                    "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
+                )
+            return out
+        shape = sample_shape_of(sample_shape)
+        if input_contains_samples:
+            if tuple(input.shape[: len(shape)]) != shape:
+                raise ValueError(
+                    f"`input` must start with the sample_shape {shape} "
+                    f"(input_contains_samples=True), got shape {tuple(input.shape)}"
+                )
+            return out
+        return out.expand(*shape, *out.shape)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # An nn.Linear state dict: `weight` / `bias` become the means; the covariance
+        # keys it lacks are filled with the current values, so strict loading passes.
+        if f"{prefix}weight" in state_dict:
+            for name in ("weight", "bias"):
+                if f"{prefix}{name}" in state_dict:
+                    state_dict[f"{prefix}params.mean.{name}"] = state_dict.pop(f"{prefix}{name}")
+            if self.params.cov is not None:
+                for key, value in self.params.cov.state_dict(keep_vars=True).items():
+                    state_dict.setdefault(f"{prefix}params.cov.{key}", value.detach())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        bias = self.params.mean["bias"] is not None
+        text = f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+        if self.local_reparameterization:
+            text += ", local_reparameterization=True"
+        return text if self.stochastic else text + ", cov=None"
+
+
+class Sequential(nn.Sequential, _Sampled):
+    """``nn.Sequential`` that passes ``sample_shape`` and ``generator`` to structcov layers.
+
+    ``forward(input, /, sample_shape=(), generator=None, input_contains_samples=False)``:
+    the first stochastic layer (a `Linear` with a covariance, or a nested `Sequential`
+    holding one) draws with ``sample_shape`` and returns ``(*sample_shape, *batch,
+    out)``; every later structcov layer gets ``input_contains_samples=True`` and
+    draws its own parameters for each sample index. Layers draw from ``generator``
+    in order. Deterministic structcov layers before the first stochastic one run
+    once (no sample axes yet); if no layer is stochastic the output is replicated
+    over ``sample_shape`` at the end (a broadcast view). Any other module (e.g.
+    ``nn.ReLU``) is called as ``module(x)`` on the whole tensor, sample axes
+    included: it must act elementwise or on the last axes. ``sample_shape=None``
+    gives the mean forward of every layer.
+    """
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether any layer draws parameters."""
+        return any(isinstance(m, _Sampled) and m.stochastic for m in self)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        /,
+        sample_shape: Any = (),
+        generator: torch.Generator | None = None,
+        input_contains_samples: bool = False,
+    ) -> torch.Tensor:
+        shape = None if sample_shape is None else sample_shape_of(sample_shape)
+        if shape is None and input_contains_samples:
+            raise ValueError(
+                "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
+            )
+        contains = input_contains_samples
+        out = input
+        for module in self:
+            if not isinstance(module, _Sampled):
+                out = module(out)
+            elif contains or module.stochastic:
+                out = module(out, shape, generator, input_contains_samples=contains)
+                contains = shape is not None
+            else:
+                out = module(out, None)
+        if shape is not None and not contains:
+            out = out.expand(*shape, *out.shape)
+        return out

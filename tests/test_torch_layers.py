@@ -1,0 +1,323 @@
+"""structcov.torch layers: Linear, Sequential, model-level KL and predictive (torch session)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+_selected = os.environ.get("STRUCTCOV_BACKEND")
+if _selected and "torch" not in _selected.split(","):
+    pytest.skip("torch layer tests run in the torch session", allow_module_level=True)
+
+import structcov as sc  # noqa: E402
+import structcov.torch as st  # noqa: E402
+
+STRUCTURES = {
+    "diagonal": sc.DiagonalCovariance,
+    "lowrank2": lambda: sc.LowRankCovariance(2),
+    "lowrank2+diag": lambda: sc.LowRankPlusDiagonalCovariance(2),
+    "factorized": sc.FactorizedCovariance,
+    "kronecker": sc.KroneckerCovariance,
+    "kronecker2x2": lambda: sc.KroneckerCovariance(2, 2),
+}
+#: Structures whose covariance is singular for these layers (rank < P): their KL to a
+#: full-rank prior is +inf (DESIGN §3), so they train on the likelihood alone.
+SINGULAR = {"lowrank2", "kronecker2x2"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_rng():
+    """Layers initialise from torch's global RNG (as nn.Linear): leave it as found."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def layer(structure: str | None, in_features=4, out_features=3, bias=True, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    cov = None if structure is None else STRUCTURES[structure]
+    return st.Linear(in_features, out_features, bias, cov, dtype=torch.float64, **kwargs)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("structure", [*STRUCTURES, None])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sample_shape", [(), (4,), (2, 3), None, 5])
+def test_forward_shapes(structure, bias, sample_shape):
+    lin = layer(structure, bias=bias)
+    x = torch.randn(7, 2, 4, dtype=torch.float64, generator=gen(1))
+    out = lin(x, sample_shape, gen(2))
+    if sample_shape is None:
+        leading = ()
+    elif isinstance(sample_shape, int):
+        leading = (sample_shape,)
+    else:
+        leading = sample_shape
+    assert out.shape == (*leading, 7, 2, 3)
+    assert out.dtype == torch.float64
+    assert (lin.params["bias"] is None) == (not bias)
+    assert lin.params.names == (("weight", "bias") if bias else ("weight",))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_is_structcov_linear_on_params(structure, bias):
+    lin = layer(structure, bias=bias)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    for shape in [(), (4,), (2, 3), None]:
+        got = lin(x, shape, gen(3))
+        expected = sc.linear(x, lin.params, shape, gen(3))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # ... and equals the weights drawn by params.sample with the same generator state.
+    draw = lin.params.sample((4,), gen(3))
+    manual = x @ draw["weight"].transpose(-1, -2)
+    if bias:
+        manual = manual + draw["bias"][:, None, :]
+    torch.testing.assert_close(lin(x, (4,), gen(3)), manual)
+
+
+@pytest.mark.parametrize("structure", ["kronecker", "lowrank2+diag"])
+def test_input_contains_samples_and_parameter_samples(structure):
+    lin = layer(structure)
+    xs = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=gen(1))
+    out = lin(xs, (2, 3), gen(4), input_contains_samples=True)
+    assert out.shape == (2, 3, 5, 3)
+    torch.testing.assert_close(
+        out, sc.linear(xs, lin.params, (2, 3), gen(4), input_contains_samples=True)
+    )
+    draw = lin.params.sample((2,), gen(5))
+    x = xs[0, 0]
+    got = lin(x, (2,), parameter_samples=draw)
+    torch.testing.assert_close(got, x @ draw["weight"].transpose(-1, -2) + draw["bias"][:, None])
+
+
+def test_deterministic_layer_is_an_ordinary_linear_layer():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(4, 3, dtype=torch.float64)
+    lin = layer(None)
+    assert not lin.stochastic and lin.params.cov is None
+    torch.testing.assert_close(lin.params["weight"], reference.weight)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    expected = reference(x)
+    torch.testing.assert_close(lin(x, None), expected)
+    replicated = lin(x, (2, 3))
+    assert replicated.shape == (2, 3, 5, 3)
+    torch.testing.assert_close(replicated, expected.expand(2, 3, 5, 3))
+    xs = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen(2))
+    torch.testing.assert_close(lin(xs, (2,), input_contains_samples=True), reference(xs))
+    with pytest.raises(ValueError, match="no `parameter_samples`"):
+        lin(x, (2,), parameter_samples={"weight": torch.zeros(2, 3, 4)})
+    with pytest.raises(ValueError, match=re.escape("must start with the sample_shape (3,)")):
+        lin(xs, (3,), input_contains_samples=True)
+    assert st.kl_divergence(st.Sequential(lin, layer("diagonal", 3, 2)), 1.0).isfinite()
+
+
+# ----------------------------------------------------------------------- construction
+def test_mean_initialised_like_nn_linear_and_cov_non_zero():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(6, 5)
+    torch.manual_seed(0)
+    lin = st.Linear(6, 5, cov=sc.KroneckerCovariance())
+    torch.testing.assert_close(lin.params["weight"], reference.weight)
+    torch.testing.assert_close(lin.params["bias"], reference.bias)
+    for name, value in lin.params.cov.named_parameters():
+        assert value.abs().min() > 0, name
+    assert lin.params["weight"].dtype == torch.float32
+
+
+def test_cov_object_belongs_to_one_layer_and_callables_build_one_each():
+    cov = sc.DiagonalCovariance()
+    st.Linear(4, 3, cov=cov)
+    with pytest.raises(ValueError, match="belongs to one parameter"):
+        st.Linear(4, 3, cov=cov)
+    a, b = st.Linear(4, 3, cov=sc.DiagonalCovariance), st.Linear(4, 3, cov=sc.DiagonalCovariance)
+    assert a.params.cov.scale["weight"] is not b.params.cov.scale["weight"]
+    with pytest.raises(TypeError, match="`cov` must be None, a structcov covariance"):
+        st.Linear(4, 3, cov=lambda: "diagonal")
+    with pytest.raises(ValueError, match="`in_features` must be an int >= 1"):
+        st.Linear(0, 3)
+
+
+def test_dtype_repr_and_reset():
+    lin = st.Linear(4, 3, bias=False, cov=sc.DiagonalCovariance, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in lin.parameters())
+    assert "in_features=4, out_features=3, bias=False" in repr(lin)
+    assert "cov=None" in repr(st.Linear(4, 3))
+    before = lin.params.cov.scale["weight"].clone()
+    lin.reset_parameters()
+    assert not torch.equal(before, lin.params.cov.scale["weight"])
+
+
+# ----------------------------------------------------------------------- state dicts
+@pytest.mark.parametrize("structure", [*STRUCTURES, None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nn_linear_state_dict_loads_into_the_means(structure, bias):
+    reference = torch.nn.Linear(4, 3, bias=bias, dtype=torch.float64)
+    lin = layer(structure, bias=bias, seed=1)
+    cov_before = {k: v.clone() for k, v in lin.state_dict().items() if ".cov." in k}
+    lin.load_state_dict(reference.state_dict())  # strict
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    torch.testing.assert_close(lin(x, None), reference(x))
+    for key, value in cov_before.items():
+        assert torch.equal(lin.state_dict()[key], value), key
+
+
+def test_own_state_dict_strict_round_trip_and_errors():
+    lin, other = layer("kronecker", seed=0), layer("kronecker", seed=1)
+    other.load_state_dict(lin.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    assert torch.equal(lin(x, (3,), gen(2)), other(x, (3,), gen(2)))
+    model = st.Sequential(layer("diagonal"), torch.nn.ReLU(), layer("diagonal", 3, 2))
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(4, 3, dtype=torch.float64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(3, 2, dtype=torch.float64),
+    )
+    model.load_state_dict(plain.state_dict())  # nested prefixes map too
+    torch.testing.assert_close(model(x, None), plain(x))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        layer("diagonal", bias=False).load_state_dict(torch.nn.Linear(4, 3).state_dict())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        lin.load_state_dict({"params.mean.weight": torch.zeros(3, 4)})
+
+
+# ----------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("local", [False, True])
+def test_sampled_loss_gives_every_parameter_a_gradient(structure, local):
+    if local and structure != "diagonal":
+        pytest.skip("local reparameterization is for the diagonal covariance")
+    lin = layer(structure, local_reparameterization=local)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    (lin(x, (4,), gen(2)) ** 2).sum().backward()
+    for name, parameter in lin.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------- Sequential
+def test_sequential_passes_samples_through_in_order():
+    first, second = layer("kronecker", 4, 6), layer("lowrank2+diag", 6, 3, seed=1)
+    model = st.Sequential(first, torch.nn.ReLU(), second)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    got = model(x, (2, 3), gen(7))
+    assert got.shape == (2, 3, 5, 3)
+    g = gen(7)
+    hidden = torch.relu(sc.linear(x, first.params, (2, 3), g))
+    expected = sc.linear(hidden, second.params, (2, 3), g, input_contains_samples=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(x, None), second(torch.relu(first(x, None)), None))
+    assert model(x, (), gen(0)).shape == (5, 3)
+    xs = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen(2))
+    assert model(xs, (2,), gen(0), input_contains_samples=True).shape == (2, 5, 3)
+    with pytest.raises(ValueError, match="needs a `sample_shape`"):
+        model(xs, None, input_contains_samples=True)
+
+
+def test_sequential_with_deterministic_layers_and_nesting():
+    det, sto = layer(None, 4, 6), layer("diagonal", 6, 3)
+    model = st.Sequential(det, torch.nn.Tanh(), st.Sequential(sto, torch.nn.ReLU()))
+    assert model.stochastic and not st.Sequential(det).stochastic
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    expected = torch.relu(sto(torch.tanh(det(x, None)), (4,), gen(3)))
+    torch.testing.assert_close(model(x, (4,), gen(3)), expected)
+    only = st.Sequential(det, torch.nn.ReLU())
+    assert only(x, (2,)).shape == (2, 5, 6)
+
+
+# ----------------------------------------------------------------------- model-level inference
+def test_kl_divergence_over_a_model():
+    layers = [layer("kronecker", 4, 6), layer("lowrank2+diag", 6, 3, seed=1)]
+    model = st.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    expected = sum(st.kl_divergence(m.params, st.normal_prior(m.params, 0.5)) for m in layers)
+    torch.testing.assert_close(st.kl_divergence(model, 0.5), expected)
+    # float prior for one parameter; the old pairwise call unchanged.
+    torch.testing.assert_close(
+        st.kl_divergence(layers[0].params, 0.5),
+        sc.kl_divergence(layers[0].params, sc.normal_prior(layers[0].params, 0.5)),
+    )
+    # A model of the same layout as the prior: pairs by path.
+    prior = st.Sequential(
+        layer("kronecker", 4, 6, seed=5), torch.nn.ReLU(), layer("lowrank2+diag", 6, 3, seed=6)
+    )
+    pairs = [(layers[0].params, prior[0].params), (layers[1].params, prior[2].params)]
+    torch.testing.assert_close(
+        st.kl_divergence(model, prior), sum(st.kl_divergence(q, p) for q, p in pairs)
+    )
+    # Gradients reach the model's parameters.
+    st.kl_divergence(model, 1.0).backward()
+    assert layers[1].params.cov.factor["weight"].grad is not None
+    with pytest.raises(ValueError, match="same module paths"):
+        st.kl_divergence(model, st.Sequential(layer("kronecker", 4, 6)))
+    with pytest.raises(ValueError, match=r"holds no structcov\.torch\.GaussianParameter"):
+        st.kl_divergence(torch.nn.Linear(2, 2), 1.0)
+    with pytest.raises(TypeError, match="`p` must be a float prior scale"):
+        st.kl_divergence(model, "wide")
+
+
+def test_predictive():
+    model = st.Sequential(layer("diagonal", 4, 6), torch.nn.ReLU(), layer("diagonal", 6, 3))
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    stacked = st.predictive(model, x, (8,), gen(2))
+    torch.testing.assert_close(stacked, model(x, (8,), gen(2)))
+    probs = st.predictive(model, x, (2, 4), gen(2), probabilities=True)
+    assert probs.shape == (5, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64))
+    expected = torch.softmax(model(x, (2, 4), gen(2)), -1).mean(dim=(0, 1))
+    torch.testing.assert_close(probs, expected)
+    mean = st.predictive(model, x, None, probabilities=True)
+    torch.testing.assert_close(mean, torch.softmax(model(x, None), -1))
+
+
+# ----------------------------------------------------------------------- training
+def classification_problem():
+    """4 classes from a random two-layer teacher on 12 features; 256 train, 512 test."""
+    g = gen(123)
+    x = torch.randn(768, 12, generator=g)
+    w1, w2 = torch.randn(12, 16, generator=g), torch.randn(16, 4, generator=g)
+    y = (torch.tanh(x @ w1) @ w2).argmax(-1)
+    return x[:256], y[:256], x[256:], y[256:]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_short_elbo_training_run_improves_test_nll(structure):
+    x, y, x_test, y_test = classification_problem()
+    torch.manual_seed(0)
+    model = st.Sequential(
+        st.Linear(12, 32, cov=STRUCTURES[structure]),
+        torch.nn.ReLU(),
+        st.Linear(32, 4, cov=STRUCTURES[structure]),
+    )
+    kl_weight = 0.0 if structure in SINGULAR else 1.0 / len(x)
+    if structure in SINGULAR:
+        assert st.kl_divergence(model, 1.0) == math.inf
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def test_nll() -> torch.Tensor:
+        with torch.no_grad():
+            probs = st.predictive(model, x_test, (16,), gen(99), probabilities=True)
+            return -torch.log(probs[torch.arange(len(y_test)), y_test]).mean()
+
+    before = test_nll()
+    optimizer = torch.optim.Adam(st.param_groups(model, lr=0.02))
+    noise = gen(1)
+    for _ in range(30):
+        optimizer.zero_grad()
+        logits = model(x, (4,), noise)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 4), y.repeat(4))
+        loss = nll + (kl_weight * st.kl_divergence(model, 1.0) if kl_weight else 0.0)
+        assert torch.isfinite(loss), loss
+        loss.backward()
+        optimizer.step()
+    after = test_nll()
+    assert after < before, (before, after)
+    for key, value in model.state_dict().items():
+        assert not torch.equal(value, initial[key]), f"{key} did not move"
