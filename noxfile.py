@@ -21,7 +21,8 @@ BACKENDS = {
     "numpy": [],
     "array_api_strict": [],
     "torch": ["torch"],
-    "jax": ["jax-extras"],
+    # torch too: the cross-backend checkpoint tests and docs (torch-train, JAX-serve) run here.
+    "jax": ["jax-extras", "torch"],
     "cupy": ["cupy"],
     "dask": ["dask"],
 }
