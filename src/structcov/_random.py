@@ -258,6 +258,8 @@ def _dask_normals(
     out = []
     for shape, split in zip(shapes, splits, strict=True):
         split = "auto" if split is None else split
+        if math.prod(shape) == 0:
+            split = shape  # one (empty) chunk per axis: dask's "auto" divides by the size
         if native_dtype:
             out.append(draw(shape, chunks=split, dtype=dtype))
         else:
