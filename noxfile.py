@@ -77,6 +77,25 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+def thorough(session: nox.Session) -> None:
+    """The hypothesis property files with the `thorough` profile (>= 10^4 examples per
+    property) on NumPy. Long (see docs/testing.md); not in nox.options.sessions, so CI's
+    plain `nox` never runs it: `nox -s thorough`."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "-n",
+        "auto",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_conditioning.py",
+        "tests/covariances/test_properties.py",
+        *session.posargs,
+        env={"STRUCTCOV_BACKEND": "numpy", "HYPOTHESIS_PROFILE": "thorough"},
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark suite on numpy, torch and jax.jit (results in benchmarks/results/)."""
     session.install("-e", ".[bench,torch,jax]")

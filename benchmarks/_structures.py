@@ -173,7 +173,9 @@ class Diagonal(Structure):
         return "DiagonalCovariance()"
 
     def make_cov(self) -> sc.FactorizedCovariance:
-        return sc.DiagonalCovariance()
+        # identity: the stored scale is the s the native baselines read (softplus would
+        # add one elementwise pass to both)
+        return sc.DiagonalCovariance(scale_transform="identity")
 
     def num_columns(self, layer: Layer) -> int:
         return layer.num_params
@@ -364,7 +366,7 @@ class LowRankPlusDiagonal(Structure):
         return f"{self.key}:{self.rank}"
 
     def make_cov(self) -> sc.FactorizedCovariance:
-        return sc.LowRankPlusDiagonalCovariance(self.rank)
+        return sc.LowRankPlusDiagonalCovariance(self.rank, scale_transform="identity")
 
     def num_columns(self, layer: Layer) -> int:
         return self.rank + layer.num_params

@@ -153,14 +153,19 @@ def structcov_results(
 
     import structcov as sc
 
-    q = sc.GaussianParameter(inputs["mean"], sc.LowRankPlusDiagonalCovariance(rank))
+    # identity: ``inputs["scale"]`` holds d itself
+    q = sc.GaussianParameter(
+        inputs["mean"], sc.LowRankPlusDiagonalCovariance(rank, scale_transform="identity")
+    )
     q.cov.load_storage({"factor.mean": inputs["factor"], "scale.mean": inputs["scale"]})
     diagonal = q.cov.diagonal()
     xp = array_api_compat.array_namespace(diagonal)
     if prior == "normal_prior":
         p = sc.normal_prior(q, sigma)
     elif prior == "like-means":
-        p = sc.GaussianParameter(xp.zeros_like(inputs["mean"]), sc.DiagonalCovariance())
+        p = sc.GaussianParameter(
+            xp.zeros_like(inputs["mean"]), sc.DiagonalCovariance(scale_transform="identity")
+        )
         p.cov.load_storage({"scale.mean": xp.full_like(inputs["mean"], sigma)})
     else:
         raise ValueError(f"`prior` must be normal_prior or like-means, got {prior!r}")

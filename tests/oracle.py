@@ -31,7 +31,7 @@ import numpy as np
 
 import structcov as sc
 
-__all__ = ["Dense", "dense_oracle", "flat_layout", "join", "split"]
+__all__ = ["Dense", "dense_oracle", "flat_layout", "join", "split", "standard_deviations"]
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,23 @@ def _factorized(cov: Any, layout: FlatLayout, to_numpy: Any) -> np.ndarray:
     return np.stack(rows).reshape(layout.num_params, rank)
 
 
+def standard_deviations(raw: np.ndarray, transform: str) -> np.ndarray:
+    """The standard deviations of stored scales ``raw`` (float64) under ``transform``:
+    softplus log(1 + e^rho), exp e^rho, identity rho (written here, not imported)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if transform == "softplus":
+        return np.logaddexp(raw, 0.0)
+    if transform == "exp":
+        return np.exp(raw)
+    assert transform == "identity", transform
+    return raw
+
+
 def _diagonal(cov: Any, layout: FlatLayout, to_numpy: Any) -> np.ndarray:
+    transform = cov.structure.scale_transform
     scales = {name: to_numpy(cov.scale[name]) for name in layout.names}
     s = np.array([scales[name][idx] for name, idx in _flat_entries(layout)])
-    return np.diag(s)
+    return np.diag(standard_deviations(s, transform))
 
 
 def kronecker_positions(layout: FlatLayout) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -118,3 +118,23 @@ def test_smoke_run_reports_every_structure_and_operation(tmp_path: Path) -> None
     targets = (tmp_path / "targets.md").read_text()
     for ident in ("T1", "T2", "T3", "T4", "T5", "T6"):
         assert f"| {ident} |" in targets
+
+
+def test_kl_pairs_smoke_run_reports_every_pair() -> None:
+    """``benchmarks/kl_pairs.py --smoke``: every pair timed, its memory measured, finite or inf."""
+    backend = _session_backend()
+    reason = _skip_reason(backend)
+    if reason is None and backend not in ("numpy", "torch"):
+        reason = "benchmarks/kl_pairs.py measures numpy and CPU torch only"
+    if reason:
+        pytest.skip(reason)
+    script = ROOT / "benchmarks" / "kl_pairs.py"
+    command = [sys.executable, str(script), "--smoke", "--backends", backend]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"kl_pairs failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {backend} |")]
+    assert len(rows) == 9, done.stdout
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[3].startswith("`_kl_") and cells[3] != "`_kl_generic`", row
+        assert cells[4] != "nan" and cells[6] != "-", row  # a KL value and a measured peak

@@ -17,6 +17,7 @@ import pytest
 import structcov as sc
 from cases import BARE, CASE_IDS, CASES, MEAN_SPECS, Case, make_parameter
 from conftest import Backend, tolerance
+from oracle import standard_deviations
 from test_random import present_means, reference_normals, storage
 
 #: structure id (tests/cases.py) -> the ranks requested in its factory
@@ -40,6 +41,8 @@ class Stored(NamedTuple):
     lr_scaling: float
     std: float  # reset_parameters: N(0, std^2) entries, or every entry = std if not random
     random: bool = True
+    # diagonal scales (not random) store std through this transform (the default softplus)
+    transform: str = "identity"
 
 
 #: Every structure once, plus the bare / bias-None / single-element specs.
@@ -87,7 +90,11 @@ def expected_storage(
     """path -> what is stored there, as seed-api.md states it."""
     num_params = sum(math.prod(shape) for shape in shapes.values())
     if structure == "diagonal":
-        return {f"scale.{name}": Stored(shape, 1.0, scales[name]) for name, shape in shapes.items()}
+        # set to the scale, not drawn (stored through the default softplus transform)
+        return {
+            f"scale.{name}": Stored(shape, 1.0, scales[name], random=False, transform="softplus")
+            for name, shape in shapes.items()
+        }
     if structure in REQUESTED_RANK or structure in REQUESTED_LRPD_RANK:
         requested = REQUESTED_RANK.get(structure, REQUESTED_LRPD_RANK.get(structure))
         rank = clamp(requested, num_params)
@@ -99,7 +106,9 @@ def expected_storage(
             # LowRankPlusDiagonalCovariance: d is set to the scale, not drawn
             out.update(
                 {
-                    f"scale.{name}": Stored(shape, 1.0, scales[name], random=False)
+                    f"scale.{name}": Stored(
+                        shape, 1.0, scales[name], random=False, transform="softplus"
+                    )
                     for name, shape in shapes.items()
                 }
             )
@@ -344,11 +353,14 @@ def test_reset_parameters_std(backend: Backend, structure: str, scales: Any) -> 
     expected = expected_storage(structure, present_shapes(spec), per_name)
     stored = storage(param.cov)
     assert set(stored) == set(expected)
-    for path, (shape, _, std, random) in expected.items():
+    for path, (shape, _, std, random, _) in expected.items():
         value = backend.to_numpy(stored[path])
         assert value.shape == shape, path
         if not random:
-            np.testing.assert_allclose(value, std, rtol=1e-15, err_msg=path)
+            transform = expected[path].transform
+            np.testing.assert_allclose(
+                standard_deviations(value, transform), std, rtol=1e-14, err_msg=path
+            )
             continue
         n = value.size
         # RMS about the known zero mean: relative standard error 1/sqrt(2n); allow 5 of them.
@@ -366,6 +378,9 @@ def test_reset_parameters_zero_scale_gives_zero_mean_storage(backend: Backend, c
         if path == "output_factor":
             # Kronecker's output factor has std 1/sqrt(output_rank), no mean scale
             assert np.any(backend.to_numpy(value) != 0), path
+        elif path.startswith("scale."):
+            # standard deviation 0 through softplus: the stored value is -inf
+            np.testing.assert_array_equal(backend.to_numpy(value), -np.inf, err_msg=path)
         else:
             np.testing.assert_array_equal(backend.to_numpy(value), 0.0, err_msg=path)
 

@@ -494,7 +494,7 @@ def test_tampered_header_json(tmp_path: Path, raw: str, message: str) -> None:
 def _changed(header: dict[str, Any], change: str) -> dict[str, Any]:
     record = header["parameters"][0]
     if change == "newer-version":
-        header["version"] = 2
+        header["version"] = 3
     elif change == "version-string":
         header["version"] = "1"
     elif change == "extra-field":
@@ -538,7 +538,7 @@ def _changed(header: dict[str, Any], change: str) -> dict[str, Any]:
 
 
 BAD_HEADERS = {
-    "newer-version": "unknown format version 2: .*written by a newer structcov",
+    "newer-version": "unknown format version 3: .*written by a newer structcov",
     "version-string": "unknown format version '1'",
     "extra-field": "must be an object with the fields",
     "kind": "header 'kind' must be",
@@ -577,6 +577,43 @@ def test_tampered_header_fields(tmp_path: Path, change: str) -> None:
     with pytest.raises(
         ValueError, match=rf"{INVALID}: {re.escape(str(path))}: .*{BAD_HEADERS[change]}"
     ):
+        sio.load(path)
+
+
+@numpy_session
+@pytest.mark.parametrize("kind", ["diagonal", "lowrank+diagonal"])
+def test_version_1_files_hold_raw_scales(tmp_path: Path, kind: str) -> None:
+    """Version 1 predates scale transforms: its scales load as ``"identity"`` (raw), so
+    a file written then gives the same covariance now; a bad transform is refused."""
+    mean = {"weight": np.ones((3, 2)), "bias": np.zeros(3)}
+    cov = (
+        sc.DiagonalCovariance(scale_transform="identity")
+        if kind == "diagonal"
+        else sc.LowRankPlusDiagonalCovariance(2, scale_transform="identity")
+    )
+    param = sc.GaussianParameter(mean, cov)
+    param.cov.reset_parameters(0.3, generator=np.random.default_rng(0))
+    path = tmp_path / "old.safetensors"
+    sio.save(path, param)
+    header = _header(path)
+    header["version"] = 1
+    for config in (
+        header["parameters"][0]["config"],
+        header["parameters"][0]["structure"]["config"],
+    ):
+        del config["scale_transform"]  # as version 1 wrote it
+    _rewrite(path, header)
+    loaded = sio.load(path)
+    assert loaded.cov.scale_transform == "identity"
+    np.testing.assert_array_equal(loaded.cov.to_dense(), param.cov.to_dense())
+    header["version"] = 2
+    for config in (
+        header["parameters"][0]["config"],
+        header["parameters"][0]["structure"]["config"],
+    ):
+        config["scale_transform"] = "sigmoid"
+    _rewrite(path, header)
+    with pytest.raises(ValueError, match="'scale_transform' must be one of"):
         sio.load(path)
 
 

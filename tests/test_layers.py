@@ -18,6 +18,7 @@ import pytest
 import structcov as sc
 import structcov.layers as layers
 from conftest import Backend, tolerance
+from oracle import standard_deviations
 from structcov._array_api import device_of
 from structcov.covariances import Kronecker
 from structcov.layers import linear
@@ -319,7 +320,12 @@ def test_projection_forms_no_per_sample_weights(
 
 # ----------------------------------------------------------------------- local reparameterization
 def diagonal_storage(backend: Backend, param: sc.GaussianParameter) -> dict[str, np.ndarray]:
-    return {path: backend.to_numpy(a) for path, a in param.cov.storage().items()}
+    """The standard deviations by storage path (through the covariance's scale transform)."""
+    transform = param.cov.structure.scale_transform
+    return {
+        path: standard_deviations(backend.to_numpy(a), transform)
+        for path, a in param.cov.storage().items()
+    }
 
 
 @pytest.mark.parametrize("bias", ["bias", "no-bias"])
@@ -367,7 +373,8 @@ def test_local_reparameterization_is_the_mean_at_zero_scale(
         "weight": backend.asarray(rng.standard_normal((D_OUT, D_IN)), dtype),
         "bias": backend.asarray(rng.standard_normal(D_OUT), dtype),
     }
-    param = sc.GaussianParameter(mean, sc.DiagonalCovariance())  # storage starts at zero
+    # the identity transform's storage starts at zero: std 0
+    param = sc.GaussianParameter(mean, sc.DiagonalCovariance(scale_transform="identity"))
     x_np = rng.standard_normal((2, 5, D_IN) if per_sample else (5, D_IN))
     x = backend.asarray(x_np, dtype)
     got = linear(

@@ -75,9 +75,9 @@ class Pair:
         cov: sc.FactorizedCovariance
         storage: dict[str, Any] = {}
         if u is None:
-            cov = sc.DiagonalCovariance()
+            cov = sc.DiagonalCovariance(scale_transform="identity")
         else:
-            cov = sc.LowRankPlusDiagonalCovariance(u.shape[1])
+            cov = sc.LowRankPlusDiagonalCovariance(u.shape[1], scale_transform="identity")
             for n, v in split_np(u, shapes).items():
                 storage[f"factor.{n}"] = backend.asarray(v, dtype)
         for n, v in split_np(d, shapes).items():
@@ -234,13 +234,15 @@ def _edge_values(backend: Backend, dtype: str) -> dict[str, Callable[[], Any]]:
     zeros = {n: backend.asarray(np.zeros(s), dtype) for n, s in SMALL.items()}
 
     def lrpd(reset: float | None) -> sc.GaussianParameter:
-        param = sc.GaussianParameter(zeros, sc.LowRankPlusDiagonalCovariance(2))
+        param = sc.GaussianParameter(
+            zeros, sc.LowRankPlusDiagonalCovariance(2, scale_transform="identity")
+        )
         if reset is not None:
             param.cov.reset_parameters(reset, generator=backend.generator(0))
         return param
 
     def diagonal(values: np.ndarray) -> sc.GaussianParameter:
-        param = sc.GaussianParameter(zeros, sc.DiagonalCovariance())
+        param = sc.GaussianParameter(zeros, sc.DiagonalCovariance(scale_transform="identity"))
         param.cov.load_storage(
             {f"scale.{n}": backend.asarray(v, dtype) for n, v in split_np(values, SMALL).items()}
         )
@@ -288,7 +290,7 @@ def test_exact_infinities_are_infinities(backend: Backend, dtype: str, label: st
 def test_tiny_scale_kl_is_finite_in_float32(backend: Backend, dtype: str) -> None:
     """s = 1e-23 (s^2 underflows in float32) against N(0, 1): 0.5 P (rho - 1 - log rho)."""
     zeros = {"w": backend.asarray(np.zeros(4), dtype)}
-    q = sc.GaussianParameter(zeros, sc.DiagonalCovariance())
+    q = sc.GaussianParameter(zeros, sc.DiagonalCovariance(scale_transform="identity"))
     q.cov.load_storage({"scale.w": backend.asarray(np.full(4, 1e-23), dtype)})
     s = float(np.float32(1e-23)) if dtype == "float32" else 1e-23
     expected = 0.5 * 4 * (s**2 - 1.0 - 2.0 * math.log(s))  # 209.8
@@ -297,17 +299,43 @@ def test_tiny_scale_kl_is_finite_in_float32(backend: Backend, dtype: str) -> Non
     assert abs(expected - 209.8) < 0.1
 
 
+@pytest.mark.parametrize("transform", ["softplus", "exp"])
+def test_positive_transforms_reach_zero_only_at_minus_infinity(
+    backend: Backend, dtype: str, transform: str
+) -> None:
+    """A zero std under softplus / exp is a stored -inf (``reset_parameters(0.0)``): the
+    edges are the identity transform's (-inf logdet and entropy, +inf KL), never NaN;
+    a very negative finite rho is a tiny positive std, with a finite logdet."""
+    zeros = {"w": backend.asarray(np.zeros(3), dtype), "b": backend.asarray(np.zeros(2), dtype)}
+    for cov in (
+        sc.DiagonalCovariance(scale_transform=transform),
+        sc.LowRankPlusDiagonalCovariance(1, scale_transform=transform),
+    ):
+        q = sc.GaussianParameter(zeros, cov)
+        q.cov.reset_parameters(0.0, generator=backend.generator(0))
+        assert scalar(backend, q.cov.logdet()) == -math.inf
+        assert scalar(backend, q.entropy()) == -math.inf
+        assert scalar(backend, sc.kl_divergence(q, sc.normal_prior(q))) == math.inf
+        q.cov.reset_parameters(1.0, generator=backend.generator(0))
+        rho = -40.0  # softplus(-40) = exp(-40) = 4.2e-18 to float64 rounding
+        q.cov.load_storage({**q.cov.storage(), "scale.w": backend.asarray(np.full(3, rho), dtype)})
+        logdet = scalar(backend, q.cov.logdet())
+        # Diagonal: 2 * 3 * rho = -240; LRPD adds log det C = log(1 + |u|^2 / d^2) ~ 80
+        assert math.isfinite(logdet) and logdet < -100, logdet
+
+
 def test_zero_point_masses_at_the_same_place_have_kl_zero(backend: Backend) -> None:
     """Diagonal pair, both scales 0 at one coordinate: 0 there (same mean), +inf otherwise."""
     zeros = {"w": backend.asarray(np.zeros(3), "float64")}
     scales = backend.asarray(np.array([0.0, 1.0, 2.0]), "float64")
-    q = sc.GaussianParameter(zeros, sc.DiagonalCovariance())
+    q = sc.GaussianParameter(zeros, sc.DiagonalCovariance(scale_transform="identity"))
     q.cov.load_storage({"scale.w": scales})
-    p = sc.GaussianParameter(zeros, sc.DiagonalCovariance())
+    p = sc.GaussianParameter(zeros, sc.DiagonalCovariance(scale_transform="identity"))
     p.cov.load_storage({"scale.w": scales})
     assert scalar(backend, sc.kl_divergence(q, p)) == 0.0
     moved = sc.GaussianParameter(
-        {"w": backend.asarray(np.array([1.0, 0.0, 0.0]), "float64")}, sc.DiagonalCovariance()
+        {"w": backend.asarray(np.array([1.0, 0.0, 0.0]), "float64")},
+        sc.DiagonalCovariance(scale_transform="identity"),
     )
     moved.cov.load_storage({"scale.w": scales})
     assert scalar(backend, sc.kl_divergence(q, moved)) == math.inf
@@ -326,8 +354,8 @@ def test_exact_infinities_under_jit(jax_backend: Backend, dtype: str) -> None:
 
     backend = jax_backend
     zeros = {n: backend.asarray(np.zeros(s), dtype) for n, s in SMALL.items()}
-    q = sc.GaussianParameter(zeros, sc.LowRankPlusDiagonalCovariance(2))
-    diag = sc.GaussianParameter(zeros, sc.DiagonalCovariance())
+    q = sc.GaussianParameter(zeros, sc.LowRankPlusDiagonalCovariance(2, scale_transform="identity"))
+    diag = sc.GaussianParameter(zeros, sc.DiagonalCovariance(scale_transform="identity"))
     structure, q_storage = q.cov.structure, q.cov.storage()  # all zero
     d_structure = diag.cov.structure
     prior = sc.normal_prior(q)

@@ -43,6 +43,7 @@ from .covariances._structure import (
     add_into,
     assemble,
     eye,
+    inverse_positive,
     logdet_of,
     split_flat,
 )
@@ -141,7 +142,10 @@ def _zeros_laid_out_like(
 
 
 def zeros_storage(structure: Structure, mean: Any) -> dict[str, Array]:
-    """Zero storage for ``structure``, in the means' namespace, dtype, device and layout.
+    """Initial storage for ``structure``, in the means' namespace, dtype, device and layout.
+
+    Zeros, except where the structure says otherwise (`Structure.initial_storage`:
+    Kronecker's factors start as truncated identities, since zero factors are a saddle).
 
     ``mean`` is the mapping name -> array (``None`` entries ignored) the structure was
     built for. Cost: one allocation per slot.
@@ -152,12 +156,13 @@ def zeros_storage(structure: Structure, mean: Any) -> dict[str, Array]:
         raise ValueError(f"`mean` must have the names {list(structure.layout.names)}")
     xp = namespace(reference)
     dtype, device = reference.dtype, device_of(reference)
-    return {
+    zeros = {
         slot.path: _zeros_laid_out_like(
             xp, slot.shape, means.get(slot.name) if slot.name is not None else None, dtype, device
         )
         for slot in structure.slots
     }
+    return structure.initial_storage(xp, zeros)
 
 
 def _scales(structure: Structure, scales: Mapping[str, Any] | Any) -> dict[str, float]:
@@ -196,7 +201,8 @@ def draw_storage(
     """New storage drawn for ``structure``: entries N(0, std^2), std by slot.
 
     ``std = mean_parameter_scales[slot's mean] * slot.multiplier`` (see each
-    structure); slots with ``random=False`` are filled with ``std``. The new arrays
+    structure); slots with ``random=False`` are filled with ``std`` (stored through
+    the slot's positive transform: the standard deviation is ``std``). The new arrays
     take ``storage``'s namespace, dtype, device, chunks and sharding. ``generator``
     is the backend generator (`structcov._random`); the same state gives the same
     storage. ``storage`` is not changed.
@@ -225,7 +231,8 @@ def draw_storage(
             # draw itself is whole). Elsewhere a no-op: the draw is made on that device.
             out[slot.path] = to_device(drawn[slot.path], device_of(current)) * std
         else:
-            out[slot.path] = xp.full_like(current, std)  # keeps the layout
+            # keeps the layout; a positive transform stores softplus^-1(std) or log(std)
+            out[slot.path] = xp.full_like(current, inverse_positive(std, slot.transform))
     return out
 
 

@@ -215,7 +215,8 @@ def normal_prior(like: Any, scale: Any = 1.0) -> GaussianParameter:
     # *_like keeps the means' layout: a chunked (dask) or sharded (JAX) prior then
     # lines up with q, so the KL needs no rechunk or reshard of P-sized arrays.
     zeros = {name: xp.zeros_like(m) for name, m in zip(names, means, strict=True)}
-    prior = GaussianParameter(zeros, DiagonalCovariance())
+    # The identity transform: the stored scales are the given sigmas, exactly.
+    prior = GaussianParameter(zeros, DiagonalCovariance(scale_transform="identity"))
     filled = {}
     for name, m in zip(names, means, strict=True):
         filled[f"scale.{name}"] = _prior_scale(xp, scales[name], m, name)

@@ -23,7 +23,8 @@ with ``<prefix>.`` left out for a single parameter saved on its own (``mean.weig
 - ``parameters``: one object per parameter with ``prefix``; ``covariance``, the
   class name in structcov's registry (``"KroneckerCovariance"``); ``config``, the
   constructor's arguments and settings (``{"input_rank": null, "output_rank": 2,
-  "sample_scale": 0.5}``: ranks as requested, not clamped); ``structure``, the frozen
+  "sample_scale": 0.5}``: ranks as requested, not clamped; ``scale_transform`` for
+  Diagonal and LowRankPlusDiagonal, since version 2); ``structure``, the frozen
   structure's type name and ``config()`` (clamped ranks); ``means``, every mean name in
   insertion order with its shape, ``None`` entries kept with shape ``null``;
   ``storage``, the storage paths in slot order with their shapes;
@@ -72,7 +73,7 @@ import numpy as np
 
 from ._array_api import backend_name, is_array_api_obj, namespace
 from .covariances._base import COVARIANCES, StructuredCovariance
-from .covariances._structure import Structure
+from .covariances._structure import SCALE_TRANSFORMS, Structure
 from .gaussian import GaussianParameter
 
 __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "LIKE", "METADATA_KEY", "load", "save"]
@@ -81,7 +82,10 @@ __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "LIKE", "METADATA_KEY", "load", "save
 METADATA_KEY = "structcov"
 #: The format tag and version that entry carries.
 FORMAT_TAG = "structcov.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions `load` reads. Version 1 predates positive scale transforms: its Diagonal
+#: and LowRankPlusDiagonal scales are raw (read with ``scale_transform="identity"``).
+READABLE_VERSIONS = (1, 2)
 #: The backends `load` reads into.
 LIKE = ("numpy", "torch", "jax", "cupy", "array_api_strict")
 
@@ -566,7 +570,7 @@ def _fields(value: Any, fields: tuple[str, ...], what: str) -> dict[str, Any]:
     return value
 
 
-def _record(value: Any, index: int) -> _Record:
+def _record(value: Any, index: int, version: int) -> _Record:
     what = f"header parameter {index}"
     fields = _fields(value, _PARAMETER_FIELDS, what)
     prefix = fields["prefix"]
@@ -581,19 +585,34 @@ def _record(value: Any, index: int) -> _Record:
     cls = COVARIANCES[name]
     config = fields["config"]
     expected = cls._arguments + cls._settings
+    structure = fields["structure"]
+    if version == 1 and "scale_transform" in expected:
+        # Version 1 stored raw scales, before the argument existed.
+        config = {**config, "scale_transform": "identity"} if isinstance(config, dict) else config
+        if isinstance(structure, dict) and isinstance(structure.get("config"), dict):
+            structure = {
+                **structure,
+                "config": {**structure["config"], "scale_transform": "identity"},
+            }
     if not isinstance(config, dict) or set(config) != set(expected):
         raise _Invalid(
             f"{what}: 'config' of {name} must have the keys {list(expected)}, got {config!r}"
         )
     for key in cls._arguments:
-        if config[key] is not None and type(config[key]) is not int:
+        if key == "scale_transform":
+            if config[key] not in SCALE_TRANSFORMS:
+                raise _Invalid(
+                    f"{what}: {name} argument 'scale_transform' must be one of "
+                    f"{list(SCALE_TRANSFORMS)}, got {config[key]!r}"
+                )
+        elif config[key] is not None and type(config[key]) is not int:
             raise _Invalid(
                 f"{what}: {name} argument {key!r} must be an int or null, got {config[key]!r}"
             )
     for key in cls._settings:
         if type(config[key]) not in (int, float):
             raise _Invalid(f"{what}: {name} setting {key!r} must be a number, got {config[key]!r}")
-    structure = _fields(fields["structure"], ("type", "config"), f"{what}: 'structure'")
+    structure = _fields(structure, ("type", "config"), f"{what}: 'structure'")
     if structure["type"] != cls._structure_type.__name__ or not isinstance(
         structure["config"], dict
     ):
@@ -644,11 +663,12 @@ def _parse(text: str) -> tuple[str, list[_Record]]:
             f"{FORMAT_TAG!r}: it was not written by structcov.io"
         )
     version = header.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         newer = type(version) is int and version > FORMAT_VERSION
         raise _Invalid(
-            f"unknown format version {version!r}: this structcov reads version "
-            f"{FORMAT_VERSION}" + (" (the file was written by a newer structcov)" if newer else "")
+            f"unknown format version {version!r}: this structcov reads versions "
+            f"{list(READABLE_VERSIONS)}"
+            + (" (the file was written by a newer structcov)" if newer else "")
         )
     _fields(header, _TOP_FIELDS, f"the {METADATA_KEY!r} header")
     kind = header["kind"]
@@ -657,7 +677,7 @@ def _parse(text: str) -> tuple[str, list[_Record]]:
     parameters = header["parameters"]
     if not isinstance(parameters, list) or not parameters:
         raise _Invalid(f"header 'parameters' must be a non-empty list, got {parameters!r}")
-    records = [_record(value, index) for index, value in enumerate(parameters)]
+    records = [_record(value, index, version) for index, value in enumerate(parameters)]
     prefixes = [record.prefix for record in records]
     if len(set(prefixes)) != len(prefixes):
         raise _Invalid(f"header 'parameters' repeats a prefix: {prefixes}")

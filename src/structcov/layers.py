@@ -277,7 +277,7 @@ def _low_rank_plus_diagonal_forward(
         layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True
     ):
         noise = xp.reshape(z[:, rank + offset : rank + offset + size], (num_samples, *shape))
-        diagonal[name] = noise * storage[f"scale.{name}"] + means[name]
+        diagonal[name] = noise * structure.standard_deviation(xp, storage, name) + means[name]
     out = _apply_weights(xp, x2, diagonal["weight"], diagonal.get("bias"), num_samples)
     return out + _factor_projection(xp, storage, "factor", has_bias, x2, z[:, :rank])
 
@@ -298,9 +298,11 @@ def _local_reparameterization(
     """
     reference = means["weight"]
     mean = _mean_forward(xp, x2, means)
-    variance = xp.matmul(x2 * x2, xp.matrix_transpose(storage["scale.weight"] ** 2))
+    assert isinstance(structure, Diagonal)
+    s_weight = structure.standard_deviation(xp, storage, "weight")
+    variance = xp.matmul(x2 * x2, xp.matrix_transpose(s_weight**2))
     if "bias" in means:
-        variance = variance + storage["scale.bias"] ** 2
+        variance = variance + structure.standard_deviation(xp, storage, "bias") ** 2
     # sqrt has an infinite derivative at 0 (e.g. the zero-initialised storage): the
     # double `where` keeps the value and gives a zero gradient there instead of NaN.
     positive = variance > 0

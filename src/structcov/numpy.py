@@ -61,6 +61,7 @@ import numpy as np
 from ._array_api import Array, backend_name, namespace
 from .covariances import FactorizedCovariance, StructuredCovariance
 from .covariances._base import COVARIANCES
+from .covariances._structure import SCALE_TRANSFORMS
 from .gaussian import GaussianParameter
 from .projection import from_dense as posterior_to_structure
 
@@ -201,6 +202,7 @@ def _constructor_state(cov: StructuredCovariance) -> tuple[str, dict[str, int | 
         )
     config = cov._config()
     sample_scale = config.pop("sample_scale", None)
+    config.pop("scale_transform", None)  # its own metadata field (files before it: identity)
     return name, config, None if sample_scale is None else float(sample_scale)
 
 
@@ -259,6 +261,11 @@ def to_dict(param: GaussianParameter) -> dict[str, Array]:
         "structure": structure,
         "ranks": ranks,
         "sample_scale": sample_scale,
+        **(
+            {"scale_transform": cov.scale_transform}
+            if "scale_transform" in type(cov)._arguments
+            else {}
+        ),
         "num_factor_columns": cov.num_factor_columns,
         "dtype": dtype.str,
         "means": [
@@ -279,7 +286,7 @@ def to_dict(param: GaussianParameter) -> dict[str, Array]:
 @dataclass(frozen=True)
 class _Metadata:
     structure: str
-    ranks: dict[str, int | None]
+    ranks: dict[str, Any]  # constructor arguments: ranks, and scale_transform where taken
     sample_scale: float | None
     num_factor_columns: int
     dtype: np.dtype[Any]
@@ -384,12 +391,21 @@ def _parse_metadata(raw: Any) -> _Metadata:
         "means",
         "storage",
     }
-    if set(meta) != fields:
+    if set(meta) - {"scale_transform"} != fields:
         raise _bad(f"metadata must have the fields {sorted(fields)}, got {sorted(meta)}")
     structure = meta["structure"]
     if not isinstance(structure, str) or structure not in COVARIANCES:
         raise _bad(f"unknown structure {structure!r}: expected one of {sorted(COVARIANCES)}")
-    arguments = COVARIANCES[structure]._arguments
+    arguments = tuple(a for a in COVARIANCES[structure]._arguments if a != "scale_transform")
+    # Files written before positive transforms stored the raw (identity) scale.
+    transform = meta.get("scale_transform", "identity")
+    if "scale_transform" not in COVARIANCES[structure]._arguments:
+        if "scale_transform" in meta:
+            raise _bad(f"metadata 'scale_transform' is not an argument of {structure}")
+    elif transform not in SCALE_TRANSFORMS:
+        raise _bad(
+            f"metadata 'scale_transform' must be one of {list(SCALE_TRANSFORMS)}, got {transform!r}"
+        )
     ranks = meta["ranks"]
     if (
         not isinstance(ranks, dict)
@@ -424,6 +440,8 @@ def _parse_metadata(raw: Any) -> _Metadata:
         (path, _shape(shape, f"shape of storage {path!r}"))
         for path, shape in _pairs(meta["storage"], "storage")
     ]
+    if "scale_transform" in COVARIANCES[structure]._arguments:
+        ranks = {**ranks, "scale_transform": transform}
     return _Metadata(structure, ranks, sample_scale, num_columns, dtype, means, storage)
 
 

@@ -21,6 +21,7 @@ from .covariances import (
     Structure,
 )
 from .covariances._base import COVARIANCES
+from .covariances._structure import inverse_positive_array
 from .gaussian import GaussianParameter
 
 __all__ = ["from_dense"]
@@ -224,8 +225,9 @@ def from_dense(
 
 @register_from_dense(Diagonal)
 def _diagonal_storage(xp: Any, structure: Diagonal, sigma: Array) -> dict[str, Array]:
-    """Moment matching: scale = sqrt(diag(Sigma))."""
-    rows = _split_rows(xp, structure, xp.sqrt(xp.linalg.diagonal(sigma)), ())
+    """Moment matching: s = sqrt(diag(Sigma)), stored through the scale transform."""
+    s = xp.sqrt(xp.linalg.diagonal(sigma))
+    rows = _split_rows(xp, structure, inverse_positive_array(xp, s, structure.scale_transform), ())
     return {f"scale.{name}": value for name, value in rows.items()}
 
 
@@ -240,9 +242,10 @@ def _low_rank_plus_diagonal_storage(
     floor = xp.finfo(sigma.dtype).eps * xp.max(diagonal)
     residual = diagonal - xp.vecdot(u, u, axis=-1)
     residual = xp.where(residual > floor, residual, floor * xp.ones_like(residual))
+    d = inverse_positive_array(xp, xp.sqrt(residual), structure.scale_transform)
     return {
         **{f"factor.{n}": v for n, v in _split_rows(xp, structure, u, (rank,)).items()},
-        **{f"scale.{n}": v for n, v in _split_rows(xp, structure, xp.sqrt(residual), ()).items()},
+        **{f"scale.{n}": v for n, v in _split_rows(xp, structure, d, ()).items()},
     }
 
 

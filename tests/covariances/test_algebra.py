@@ -400,8 +400,12 @@ def build_drawn(recipe: tuple, backend: Backend, seed_offset: int = 0) -> sc.Gau
     cov = {
         "factorized": lambda: sc.FactorizedCovariance(),
         "lowrank-clamped": lambda: sc.LowRankCovariance(sum(map(math.prod, shapes.values())) + 2),
-        "diagonal": sc.DiagonalCovariance,
-        "lowrank+diagonal": lambda: sc.LowRankPlusDiagonalCovariance(rank),
+        # identity: the stored scales are the stds the scaling below multiplies
+        # (tests/test_conditioning.py covers the positive transforms)
+        "diagonal": lambda: sc.DiagonalCovariance(scale_transform="identity"),
+        "lowrank+diagonal": lambda: sc.LowRankPlusDiagonalCovariance(
+            rank, scale_transform="identity"
+        ),
         "kronecker": sc.KroneckerCovariance,
     }[kind]()
     param = sc.GaussianParameter(mean, cov)

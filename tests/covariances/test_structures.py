@@ -22,6 +22,7 @@ from structcov.covariances import (
     Structure,
 )
 from structcov.covariances._kl import kl_function
+from structcov.covariances._structure import SCALE_TRANSFORMS
 
 LAYER = {"weight": (3, 4), "bias": (3,)}
 
@@ -48,7 +49,10 @@ def test_structure_is_a_frozen_complete_value(case: Case, backend: Backend) -> N
     assert a == b and hash(a) == hash(b)  # a value: equal structures over equal layouts
     # Complete: the ranks are clamped already and the storage is fully described.
     assert a.num_factor_columns <= a.num_params + a.num_factor_columns  # an int, not None
-    assert all(type(v) in (int, float) for v in a.config().values())
+    assert all(
+        type(v) in (int, float) or (k == "scale_transform" and v in SCALE_TRANSFORMS)
+        for k, v in a.config().items()
+    )
     assert [slot.path for slot in a.slots] == list(a.paths)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.layout = b.layout  # type: ignore[misc]
@@ -184,8 +188,16 @@ def test_kl_registry_picks_the_most_specific_pair() -> None:
     assert kl_function(LowRankPlusDiagonal, Diagonal) is _kl_lrpd_diagonal
     assert kl_function(Kronecker, Kronecker) is _kl_kronecker_kronecker
     assert kl_function(Factorized, Diagonal) is _kl_to_diagonal
-    generic = kl_function(Diagonal, Factorized)
-    assert generic is kl_function(Kronecker, LowRankPlusDiagonal)
+    # q of any type against a dense factor / low rank plus diagonal p: one function each.
+    assert kl_function(Diagonal, Factorized) is kl_function(Kronecker, Factorized)
+    assert kl_function(Kronecker, LowRankPlusDiagonal) is kl_function(
+        Factorized, LowRankPlusDiagonal
+    )
+    # A pair nobody registered falls back to the generic form.
+    from structcov.covariances._kl import _kl_generic
+    from structcov.covariances._structure import Structure
+
+    assert kl_function(Structure, Kronecker) is _kl_generic
     with pytest.raises(NotImplementedError, match=r"pair \(int, Diagonal\)"):
         kl_function(int, Diagonal)
 
@@ -202,7 +214,7 @@ def test_every_registered_covariance_class_builds_its_structure() -> None:
     }
     mean = {"weight": np.zeros((2, 3)), "bias": np.zeros(2)}
     for name, cls in COVARIANCES.items():
-        arguments = {key: 2 for key in cls._arguments}
+        arguments = {key: 2 for key in cls._arguments if key != "scale_transform"}
         cov = cls(**arguments)
         sc.GaussianParameter(mean, cov)
         assert isinstance(cov.structure, cls._structure_type), name

@@ -29,14 +29,19 @@ from .._array_api import Array, device_of
 from .._layout import Layout
 
 __all__ = [
+    "SCALE_TRANSFORMS",
     "Slot",
     "Storage",
     "Structure",
     "add_into",
     "assemble",
     "check_rank",
+    "check_scale_transform",
     "eye",
+    "inverse_positive",
+    "inverse_positive_array",
     "logdet_of",
+    "positive",
     "require_parameters",
     "row_norms",
     "split_flat",
@@ -95,6 +100,57 @@ def check_rank(value: Any, argument: str, *, optional: bool) -> int | None:
     return number
 
 
+#: How a stored diagonal scale ``rho`` maps to a standard deviation ``s`` (Diagonal and
+#: LowRankPlusDiagonal): ``"softplus"`` s = log(1 + e^rho) (the default: s > 0 whatever
+#: the optimiser does), ``"exp"`` s = e^rho, ``"identity"`` s = |rho| (the seed's raw scale).
+SCALE_TRANSFORMS = ("softplus", "exp", "identity")
+
+
+def check_scale_transform(value: Any) -> str:
+    """Validate a ``scale_transform`` argument (one of `SCALE_TRANSFORMS`)."""
+    if not isinstance(value, str) or value not in SCALE_TRANSFORMS:
+        raise ValueError(
+            f"`scale_transform` must be one of {list(SCALE_TRANSFORMS)}, got {value!r}"
+        )
+    return value
+
+
+def positive(xp: Any, raw: Array, transform: str) -> Array:
+    """The standard deviations stored as ``raw`` under ``transform`` (elementwise).
+
+    softplus is ``logaddexp(rho, 0)``: exact for large rho (no overflow of e^rho) and
+    equal to e^rho to rounding for very negative rho (no cancellation in 1 + e^rho).
+    """
+    if transform == "softplus":
+        return xp.logaddexp(raw, xp.zeros_like(raw))
+    if transform == "exp":
+        return xp.exp(raw)
+    return raw
+
+
+def inverse_positive(value: float, transform: str) -> float:
+    """The stored value whose standard deviation is ``value`` >= 0 (``-inf`` for 0 under
+    softplus and exp). softplus^-1(s) = s + log(-expm1(-s)), without the 1 - e^-s
+    cancellation for small s."""
+    if transform == "identity":
+        return value
+    if value == 0:
+        return -math.inf
+    if transform == "exp":
+        return math.log(value)
+    return value + math.log(-math.expm1(-value))
+
+
+def inverse_positive_array(xp: Any, value: Array, transform: str) -> Array:
+    """`inverse_positive` elementwise on an array of standard deviations >= 0."""
+    if transform == "identity":
+        return value
+    zero = value == 0
+    safe = xp.where(zero, xp.ones_like(value), value)  # no log(0) warning; -inf put back below
+    raw = xp.log(safe) if transform == "exp" else safe + xp.log(-xp.expm1(-safe))
+    return xp.where(zero, xp.full_like(value, -math.inf), raw)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One stored array of a structure.
@@ -103,7 +159,8 @@ class Slot:
     mean name it belongs to, or ``None`` for a single array attribute (Kronecker's
     ``output_factor``). Its initial entries are N(0, std^2) with
     ``std = mean_parameter_scales[scale_of] * multiplier`` (``scale_of=None``: no scale);
-    with ``random=False`` every entry is set to ``std`` instead.
+    with ``random=False`` every entry is set to ``std`` instead, stored through
+    ``transform`` (one of `SCALE_TRANSFORMS`: the entries are ``inverse_positive(std)``).
     """
 
     attribute: str
@@ -113,6 +170,7 @@ class Slot:
     multiplier: float
     scale_of: str | None
     random: bool = True
+    transform: str = "identity"
     path: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +218,11 @@ class Structure(abc.ABC):
     @abc.abstractmethod
     def _make_slots(self) -> tuple[Slot, ...]:
         """The stored arrays, in a fixed order (called once, at construction)."""
+
+    def initial_storage(self, xp: Any, zeros: dict[str, Array]) -> dict[str, Array]:
+        """The storage a freshly initialised parameter holds, from all-zero ``zeros``
+        (laid out like the means). Zeros unless a structure needs otherwise."""
+        return zeros
 
     # ------------------------------------------------------------ static facts
     @property

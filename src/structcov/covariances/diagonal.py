@@ -10,7 +10,15 @@ from .._array_api import Array
 from .._layout import Layout
 from ._base import StructuredCovariance, register_covariance
 from ._kl import finish, ratio_excess, register_kl, scaled_square
-from ._structure import Slot, Storage, Structure, logdet_of, total
+from ._structure import (
+    Slot,
+    Storage,
+    Structure,
+    check_scale_transform,
+    logdet_of,
+    positive,
+    total,
+)
 from .factorized import FactorizedCovariance
 
 __all__ = ["Diagonal", "DiagonalCovariance"]
@@ -21,11 +29,14 @@ __all__ = ["Diagonal", "DiagonalCovariance"]
 class Diagonal(Structure):
     """Sigma = diag(s^2), S = diag(s), K = P; stored as ``scale.<name>`` (mean-shaped).
 
-    Every operation is one elementwise pass: O(B P) for products and solves, O(P)
-    for the diagonal, trace and ``logdet = 2 sum log|s|``. ``prepare`` has nothing
-    to set up.
+    The stored ``rho`` maps to s through ``scale_transform`` (`SCALE_TRANSFORMS`):
+    s = softplus(rho) (default), e^rho, or rho itself (``"identity"``, the seed's raw
+    scale; its sign does not matter). Every operation is one elementwise pass: O(B P)
+    for products and solves, O(P) for the diagonal, trace and ``logdet = 2 sum log|s|``.
+    ``prepare`` has nothing to set up.
     """
 
+    scale_transform: str = "softplus"
     _scales: tuple[tuple[str, int, int], ...] = field(init=False, repr=False, compare=False)
 
     dict_attributes = ("scale",)
@@ -41,15 +52,17 @@ class Diagonal(Structure):
         object.__setattr__(self, "_scales", scales)
 
     @classmethod
-    def build(cls, layout: Layout, /) -> Diagonal:
-        return cls(layout)
+    def build(cls, layout: Layout, /, *, scale_transform: str = "softplus") -> Diagonal:
+        return cls(layout, check_scale_transform(scale_transform))
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return {"scale_transform": self.scale_transform}
 
     def _make_slots(self) -> tuple[Slot, ...]:
+        # Set to the scale, not drawn: a drawn s near zero starts training at a huge
+        # gradient of the KL (and at a sign flip under the identity transform).
         return tuple(
-            Slot("scale", name, shape, 1.0, 1.0, name)
+            Slot("scale", name, shape, 1.0, 1.0, name, random=False, transform=self.scale_transform)
             for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
         )
 
@@ -67,7 +80,15 @@ class Diagonal(Structure):
         return False
 
     def _s(self, xp: Any, storage: Storage) -> list[Array]:
-        return [xp.reshape(storage[path], (size,)) for path, _, size in self._scales]
+        """The standard deviations per name, flat (n,) (through the scale transform)."""
+        return [
+            positive(xp, xp.reshape(storage[path], (size,)), self.scale_transform)
+            for path, _, size in self._scales
+        ]
+
+    def standard_deviation(self, xp: Any, storage: Storage, name: str) -> Array:
+        """s for the mean ``name``, shaped like the mean (through the scale transform)."""
+        return positive(xp, storage[f"scale.{name}"], self.scale_transform)
 
     def blocks(self, xp: Any, storage: Storage, z: Array) -> list[Array]:
         return [
@@ -181,8 +202,16 @@ def _kl_diagonal_diagonal(
 class DiagonalCovariance(FactorizedCovariance):
     """Diagonal covariance Sigma = diag(s^2), S = diag(s), K = P.
 
-    Stored: ``scale[name]`` of shape ``mean.shape``, the per-element standard
-    deviations (their sign does not matter). ``rank`` is P.
+    Parameters
+    ----------
+    scale_transform
+        How the stored ``scale`` maps to the standard deviations s:
+        ``"softplus"`` (default) s = log(1 + e^scale), ``"exp"`` s = e^scale, or
+        ``"identity"`` s = |scale| (the seed library's raw scale). Under softplus and
+        exp no optimiser step can take s through zero.
+
+    Stored: ``scale[name]`` of shape ``mean.shape``, the standard deviations through
+    ``scale_transform``. ``rank`` is P.
 
     Notes
     -----
@@ -190,15 +219,23 @@ class DiagonalCovariance(FactorizedCovariance):
     elementwise pass, O(B P); ``diagonal``, ``trace``, ``logdet`` = 2 sum log|s|,
     O(P). Full rank unless an entry of ``scale`` is zero (then ``logdet`` is
     ``-inf`` and ``solve`` divides by zero: the values are not checked).
-    ``reset_parameters`` draws entries with std ``scale``; ``lr_scaling`` is
+    ``reset_parameters`` sets every standard deviation to ``scale`` (not drawn: the
+    seed drew N(0, scale^2), which starts some near zero); ``lr_scaling`` is
     ``{"scale.<name>": 1.0}``.
     """
 
     _structure_type: ClassVar[type[Structure]] = Diagonal
-    _arguments: ClassVar[tuple[str, ...]] = ()
+    _arguments: ClassVar[tuple[str, ...]] = ("scale_transform",)
 
-    def __init__(self) -> None:
+    def __init__(self, *, scale_transform: str = "softplus") -> None:
         StructuredCovariance.__init__(self)
+        self._requested_scale_transform = check_scale_transform(scale_transform)
+
+    @property
+    def scale_transform(self) -> str:
+        """How ``scale`` maps to standard deviations (see the class docstring)."""
+        transform: str = self._requested_scale_transform
+        return transform
 
     @property
     def rank(self) -> int | None:

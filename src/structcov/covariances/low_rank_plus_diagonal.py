@@ -17,7 +17,10 @@ from ._structure import (
     Structure,
     add_into,
     check_rank,
+    check_scale_transform,
     eye,
+    logdet_of,
+    positive,
     require_parameters,
     row_norms,
     split_flat,
@@ -32,7 +35,8 @@ __all__ = ["LowRankPlusDiagonal", "LowRankPlusDiagonalCovariance", "LowRankPlusD
 @final
 @dataclass(frozen=True, repr=False)
 class LowRankPlusDiagonal(Structure):
-    """Sigma = U U^T + diag(d^2); ``factor.<name>`` holds U's rows, ``scale.<name>`` d.
+    """Sigma = U U^T + diag(d^2); ``factor.<name>`` holds U's rows, ``scale.<name>`` d
+    through ``scale_transform`` (d = softplus(rho) by default; see `Diagonal`).
 
     S = [U, diag(d)] (K = rank + P, low-rank columns first). ``prepare`` computes the
     r x r capacitance C = I + U^T D^-1 U once (O(P r^2)); ``logdet`` = log det C +
@@ -40,6 +44,7 @@ class LowRankPlusDiagonal(Structure):
     """
 
     rank: int
+    scale_transform: str = "softplus"
     _names: tuple[tuple[str, str, int, int], ...] = field(init=False, repr=False, compare=False)
 
     dict_attributes = ("factor", "scale")
@@ -55,15 +60,18 @@ class LowRankPlusDiagonal(Structure):
         object.__setattr__(self, "_names", names)
 
     @classmethod
-    def build(cls, layout: Layout, /, *, rank: int) -> LowRankPlusDiagonal:
+    def build(
+        cls, layout: Layout, /, *, rank: int, scale_transform: str = "softplus"
+    ) -> LowRankPlusDiagonal:
         """``rank`` (required) is clamped to P."""
         requested = check_rank(rank, "rank", optional=False)
         assert requested is not None
         require_parameters(layout, "LowRankPlusDiagonalCovariance")
-        return cls(layout, min(requested, layout.num_params))
+        transform = check_scale_transform(scale_transform)
+        return cls(layout, min(requested, layout.num_params), transform)
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank}
+        return {"rank": self.rank, "scale_transform": self.scale_transform}
 
     def _make_slots(self) -> tuple[Slot, ...]:
         layout, rank = self.layout, self.rank
@@ -72,7 +80,7 @@ class LowRankPlusDiagonal(Structure):
             for name, shape in zip(layout.names, layout.shapes, strict=True)
         )
         scales = tuple(
-            Slot("scale", name, shape, 1.0, 1.0, name, random=False)
+            Slot("scale", name, shape, 1.0, 1.0, name, random=False, transform=self.scale_transform)
             for name, shape in zip(layout.names, layout.shapes, strict=True)
         )
         return factors + scales
@@ -91,7 +99,12 @@ class LowRankPlusDiagonal(Structure):
         return xp.reshape(storage[path], (size, self.rank))
 
     def _d(self, xp: Any, storage: Storage, path: str, size: int) -> Array:
-        return xp.reshape(storage[path], (size,))
+        """d for the scale at ``path``, flat (n,) (through the scale transform)."""
+        return positive(xp, xp.reshape(storage[path], (size,)), self.scale_transform)
+
+    def standard_deviation(self, xp: Any, storage: Storage, name: str) -> Array:
+        """d for the mean ``name``, shaped like the mean (through the scale transform)."""
+        return positive(xp, storage[f"scale.{name}"], self.scale_transform)
 
     def blocks(self, xp: Any, storage: Storage, z: Array) -> list[Array]:
         rank = self.rank
@@ -511,12 +524,75 @@ def _kl_lrpd_diagonal(
     return finish(xp, value, _or(bad), _or(p_zero))
 
 
+@register_kl(Structure, LowRankPlusDiagonal)
+def _kl_to_lrpd(
+    xp: Any,
+    q: Structure,
+    q_storage: Storage,
+    p: LowRankPlusDiagonal,
+    p_storage: Storage,
+    difference: Array,
+) -> Array:
+    """Any q against low rank plus diagonal p, from diag(Sigma_q) and r products S_q^T v.
+
+    With D = diag(d_p), W = D^-1 U_p, Sigma_p = D (I + W W^T) D, C = I + W^T W (p's
+    capacitance) and Woodbury (I + W W^T)^-1 = I - W C^-1 W^T:
+
+        tr(Sigma_p^-1 Sigma_q) = sum(diag(Sigma_q) / d / d) - tr(C^-1 Z Z^T),
+        Z = V^T S_q (r x K_q),  V = D^-1 W = U_p / d / d  (P x r),
+
+    so q is touched through ``q.diagonal_blocks`` and ``q.rblocks`` on the r columns of
+    V (dividing by d twice, never by d^2); the Mahalanobis term is p's ridge
+    `LowRankPlusDiagonal.quadratic` and log det Sigma_p the determinant lemma. Cost
+    O(P r^2 + r^3) for p, q's diagonal (O(P) Kronecker, O(P K) dense factor), r products
+    S_q^T v (O(r P K) dense, O(r P (r_in + r_out)) Kronecker) and O(r^2 K_q). Memory
+    O(r (P + K_q)): a few P x r and r x K_q arrays, never P x P.
+
+    Both terms of the trace are >= 0 (Z Z^T is a Gram matrix, formed r x r so that
+    nothing r x K_q is solved); their difference loses about eps |W|^2 relative to the
+    trace where q's mass lies along p's low-rank directions and |W| >> 1 (the diagonal
+    and low rank plus diagonal q have their own pairs, which do not cancel and give
+    KL(q || q) = 0).
+
+    Edges (values, jit-safe): ``+inf`` for a singular q (log det Sigma_q = -inf) or a
+    zero row of Sigma_p where q has mass; NaN where a d_p is 0 otherwise (not computed).
+    """
+    p_state = p.prepare(xp, p_storage)
+    scales = [p._d_safe(xp, p_storage, scale, size) for _, scale, _, size in p._names]
+    # V^T as per-name (r, n) row blocks: U_p / d / d, transposed.
+    v_rows = [
+        xp.matrix_transpose(
+            (p._u(xp, p_storage, factor, size) / xp.expand_dims(d, axis=1))
+            / xp.expand_dims(d, axis=1)
+        )
+        for (factor, _, _, size), d in zip(p._names, scales, strict=True)
+    ]
+    z = q.rblocks(xp, q_storage, v_rows)  # (V^T S_q) = (S_q^T V)^T, (r, K_q)
+    gram = _linalg.matmul(xp, z, xp.matrix_transpose(z))  # Z Z^T = V^T Sigma_q V, r x r
+    q_diagonal = q.diagonal_blocks(xp, q_storage)
+    diagonal_trace = total(
+        xp.sum((diag_q / d) / d) for diag_q, d in zip(q_diagonal, scales, strict=True)
+    )
+    value = 0.5 * (
+        diagonal_trace
+        - _trace_product(xp, _inverse(xp, p_state.capacitance), gram)
+        + _mahalanobis(xp, p, p_storage, p_state, difference)
+        - q.num_params
+        + p.logdet(xp, p_storage, p_state)
+        - logdet_of(xp, q, q_storage)
+    )
+    p_infinite, p_undefined = _p_edges(xp, p, p_storage, q_diagonal, difference)
+    return finish(xp, value, p_infinite, p_undefined)
+
+
 @register_covariance
 class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     r"""Covariance Sigma = U U^T + diag(d^2): a rank-r correction of a diagonal.
 
     Stored: ``factor[name]`` of shape ``(*mean.shape, rank)`` (the rows of U) and
-    ``scale[name]`` of shape ``mean.shape`` (d). The sampling factor is
+    ``scale[name]`` of shape ``mean.shape`` (d through ``scale_transform``:
+    ``"softplus"``, the default, d = log(1 + e^scale); ``"exp"``; or ``"identity"``,
+    the seed's raw scale — see `DiagonalCovariance`). The sampling factor is
     S = [U, diag(d)] of shape (P, rank + P), low-rank columns first, so
     ``factor_matmul`` takes ``rank + P`` standard normals:
     ``S z = U z[:rank] + d * z[rank:]``. Full rank whenever every d_i != 0.
@@ -535,10 +611,18 @@ class LowRankPlusDiagonalCovariance(FactorizedCovariance):
     """
 
     _structure_type: ClassVar[type[Structure]] = LowRankPlusDiagonal
+    _arguments: ClassVar[tuple[str, ...]] = ("rank", "scale_transform")
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, *, scale_transform: str = "softplus") -> None:
         check_rank(rank, "rank", optional=False)
         super().__init__(rank)
+        self._requested_scale_transform = check_scale_transform(scale_transform)
+
+    @property
+    def scale_transform(self) -> str:
+        """How ``scale`` maps to the diagonal d (see the class docstring)."""
+        transform: str = self._requested_scale_transform
+        return transform
 
     def capacitance(self) -> Array:
         """C = I_r + U^T D^-1 U, shape (rank, rank). O(P r^2); the only r x r object needed."""

@@ -1,0 +1,519 @@
+"""Variational Bayesian MLP on scikit-learn's digits, float32: torch and JAX side by side.
+
+    python benchmarks/vi_digits.py                         # both backends, default structures
+    python benchmarks/vi_digits.py --backend jax --structures diagonal lrpd8 \\
+        --scale-transform identity                         # one cell of the evidence run
+    python benchmarks/vi_digits.py --smoke                 # 2 epochs, 1 seed (a check it runs)
+
+The model: 64 -> 32 -> 10 with tanh, every dense layer Gaussian (mean-field VI
+with a structured covariance per layer), float32, inputs standardised with the
+training split's statistics. The split is fixed: 1347 training and 450 test
+images, drawn with ``--split-seed`` (0). Training is minibatch Adam (lr 1e-2,
+batch 128, the last partial batch of each shuffled epoch dropped so shapes stay
+static: 10 steps an epoch) on
+
+    loss = mean_s,i NLL(y_i | x_i, w_s)  +  KL(q || N(0, prior^2 I)) / N_train
+
+with ``--train-samples`` (1) reparametrised draws w_s per step and the exact KL
+(`structcov.kl_divergence`, summed over layers). Each covariance array's learning
+rate is multiplied by its ``lr_scaling`` (``structcov.torch.param_groups`` /
+``structcov.jax.lr_scaling_tree``; e.g. 1/rank for low-rank factors), as the
+library recommends; ``--no-lr-scaling`` turns that off.
+
+The same model twice:
+
+- torch: `structcov.torch.Linear` layers in `structcov.torch.Sequential`,
+  `structcov.torch.kl_divergence(model, prior)`, `structcov.torch.predictive`.
+- JAX: one `structcov.GaussianParameter` per layer (a pytree once
+  `structcov.jax` is imported), the forward through `structcov.linear` with a
+  PRNG key, one epoch a ``jax.lax.scan`` of the Adam step (optax), jitted once per
+  structure and shared by its seeds.
+
+Structures (``--structures``): ``diagonal``, ``lrpd8`` (low rank 8 plus
+diagonal), ``kron`` (Kronecker, full-rank factors) and ``kron4x4`` (Kronecker
+with input and output rank 4). ``--scale-transform`` (softplus, exp, identity)
+is passed to the diagonal and low-rank-plus-diagonal covariances; without it
+they use the library's default.
+
+Singular structures have no VI objective. Plain low rank
+(``LowRankCovariance(8)``) is not offered: S S^T of rank 8 < P is singular, so
+KL(q || N(0, prior^2 I)) is +inf and the ELBO is -inf whatever its parameters;
+low rank needs the diagonal (lrpd8). The same holds for reduced-rank Kronecker:
+``kron4x4`` has rank 4 * 4 = 16 < P, so its loss is +inf at every step (counted
+as non-finite). It can be selected to show exactly that, but is not run by
+default.
+
+Per run: test accuracy, test NLL and ECE (15 equal-width confidence bins) of the
+Monte Carlo predictive (mean of softmax over ``--eval-samples`` = 32 draws),
+seconds per epoch (median over epochs; the first JAX epoch includes
+compilation), the number of steps whose loss was not finite, and whether the
+run ended with non-finite parameters or predictions. A markdown table goes to
+stdout; everything, with the machine, to ``benchmarks/results/vi_digits.json``
+(``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_average, machine_info
+
+import structcov as sc
+
+STRUCTURE_NAMES = ("diagonal", "lrpd8", "kron", "kron4x4")
+#: What runs by default: kron4x4 is singular (see the module docstring).
+DEFAULT_STRUCTURES = ("diagonal", "lrpd8", "kron")
+TRANSFORMS = ("softplus", "exp", "identity")
+HIDDEN = 32
+NUM_CLASSES = 10
+ECE_BINS = 15
+
+
+# ------------------------------------------------------------------------- data
+def load_data(split_seed: int = 0, num_test: int = 450) -> dict[str, np.ndarray]:
+    """Digits as float32, standardised with the training split's mean and std.
+
+    Pixels constant on the training split (std 0) are only centred. Returns
+    ``x_train`` (1347, 64), ``y_train`` (1347,), ``x_test`` (450, 64), ``y_test``.
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(split_seed).permutation(len(y))
+    test, train = order[:num_test], order[num_test:]
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    x = ((x - mean) / std).astype(np.float32)
+    return {
+        "x_train": x[train],
+        "y_train": y[train].astype(np.int64),
+        "x_test": x[test],
+        "y_test": y[test].astype(np.int64),
+    }
+
+
+def covariance_factory(structure: str, scale_transform: str | None) -> Callable[[], Any]:
+    """A zero-argument factory of the core covariance for one layer."""
+    options = {} if scale_transform is None else {"scale_transform": scale_transform}
+    if structure == "diagonal":
+        return lambda: sc.DiagonalCovariance(**options)
+    if structure == "lrpd8":
+        return lambda: sc.LowRankPlusDiagonalCovariance(8, **options)
+    if structure == "kron":
+        return sc.KroneckerCovariance
+    if structure == "kron4x4":
+        return lambda: sc.KroneckerCovariance(input_rank=4, output_rank=4)
+    raise ValueError(f"`structure` must be one of {list(STRUCTURE_NAMES)}, got {structure!r}")
+
+
+def batches(num_train: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One shuffled epoch as (num_batches, batch_size) indices (last partial batch dropped)."""
+    num_batches = num_train // batch_size
+    return rng.permutation(num_train)[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+
+# ---------------------------------------------------------------------- metrics
+def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, NLL (mean -log p(y)) and ECE (15 equal-width bins) of predictive probs."""
+    probs = probs.astype(np.float64)
+    finite = bool(np.all(np.isfinite(probs)))
+    picked = probs[np.arange(len(labels)), labels]
+    nll = float(-np.mean(np.log(np.clip(picked, 1e-300, None)))) if finite else math.nan
+    predicted = probs.argmax(axis=-1)
+    correct = (predicted == labels).astype(np.float64)
+    confidence = probs.max(axis=-1)
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    ece = 0.0
+    for lower, upper in itertools.pairwise(edges):
+        inside = (confidence > lower) & (confidence <= upper)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return {
+        "accuracy": float(correct.mean()) if finite else math.nan,
+        "nll": nll,
+        "ece": float(ece) if finite else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------ torch
+def run_torch(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argparse.Namespace):
+    """Train and evaluate the torch model; returns the run record."""
+    import torch
+    from torch import nn
+
+    import structcov.torch as st
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    factory = covariance_factory(structure, cfg.scale_transform)
+    model = st.Sequential(
+        st.Linear(64, HIDDEN, cov=factory, dtype=torch.float32),
+        nn.Tanh(),
+        st.Linear(HIDDEN, NUM_CLASSES, cov=factory, dtype=torch.float32),
+    )
+    initial = {k: v.detach().clone() for k, v in model.named_parameters() if ".cov." in k}
+    groups = st.param_groups(model, cfg.lr) if cfg.lr_scaling else model.parameters()
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    x_test = torch.from_numpy(data["x_test"])
+    num_train = len(y_train)
+    rng = np.random.default_rng(seed)
+
+    nonfinite_steps, epoch_seconds, last_loss = 0, [], math.nan
+    for _ in range(cfg.epochs):
+        start = time.perf_counter()
+        for index in batches(num_train, cfg.batch_size, rng):
+            index_t = torch.from_numpy(index)
+            logits = model(x_train[index_t], (cfg.train_samples,), generator)
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, NUM_CLASSES), y_train[index_t].repeat(cfg.train_samples)
+            )
+            loss = nll + st.kl_divergence(model, cfg.prior_scale) / num_train
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last_loss = float(loss.detach())
+            nonfinite_steps += not math.isfinite(last_loss)
+        epoch_seconds.append(time.perf_counter() - start)
+
+    with torch.no_grad():
+        probs = st.predictive(
+            model, x_test, (cfg.eval_samples,), generator, probabilities=True
+        ).numpy()
+    final = {k: v.detach() for k, v in model.named_parameters()}
+    params_finite = all(bool(torch.isfinite(v).all()) for v in final.values())
+    moved = all(not torch.equal(initial[k], final[k]) for k in initial)
+    storage = {
+        path: value.detach().numpy()
+        for layer in (model[0], model[2])
+        for path, value in layer.params.cov.storage().items()
+    }
+    return _record(
+        "torch", structure, seed, cfg, data, probs, epoch_seconds, nonfinite_steps,
+        last_loss, params_finite, moved, storage,
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------- JAX
+def init_jax_layer(key: Any, d_in: int, d_out: int, factory: Callable[[], Any]) -> Any:
+    """A `structcov.GaussianParameter` for one dense layer, initialised like `st.Linear`.
+
+    Means U(-1/sqrt(d_in), 1/sqrt(d_in)) (torch.nn.Linear's bounds), then
+    ``cov.reset_parameters(1/sqrt(d_in))``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    bound = 1.0 / math.sqrt(d_in)
+    k_w, k_b, k_c = jax.random.split(key, 3)
+    mean = {
+        "weight": jax.random.uniform(k_w, (d_out, d_in), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(k_b, (d_out,), jnp.float32, -bound, bound),
+    }
+    param = sc.GaussianParameter(mean, factory())
+    param.cov.reset_parameters(bound, generator=k_c)
+    return param
+
+
+def jax_forward(params: Any, x: Any, sample_shape: Any, key: Any) -> Any:
+    """(S, N, 10) logits: ``structcov.linear`` twice, one key per layer."""
+    import jax
+    import jax.numpy as jnp
+
+    first, second = params
+    k1, k2 = jax.random.split(key)
+    hidden = jnp.tanh(sc.linear(x, first, sample_shape, k1))
+    return sc.linear(hidden, second, sample_shape, k2, input_contains_samples=True)
+
+
+@functools.cache
+def jax_program(structure: str, cfg_key: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(optimizer, jitted epoch, jitted predict) for one structure, shared by its seeds.
+
+    Cached so that every seed of a structure reuses one compilation. ``cfg_key`` is
+    (scale_transform, lr, lr_scaling, train_samples, eval_samples, num_train).
+    """
+    import operator
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import structcov.jax as sj
+
+    scale_transform, lr, lr_scaling, samples, eval_samples, num_train = cfg_key
+    factory = covariance_factory(structure, scale_transform)
+    if lr_scaling:
+        like = (init_jax_layer(jax.random.key(0), 64, HIDDEN, factory),
+                init_jax_layer(jax.random.key(0), HIDDEN, NUM_CLASSES, factory))  # fmt: skip
+        scales = sj.lr_scaling_tree(like)
+        optimizer = optax.chain(
+            optax.adam(lr),
+            optax.stateless(lambda updates, _: jax.tree.map(operator.mul, updates, scales)),
+        )
+    else:
+        optimizer = optax.adam(lr)
+
+    def loss_fn(params: Any, priors: Any, x: Any, y: Any, key: Any) -> Any:
+        logits = jax_forward(params, x, (samples,), key)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.mean(jnp.take_along_axis(log_probs, y[None, :, None], axis=-1))
+        kl = sum(sc.kl_divergence(p, prior) for p, prior in zip(params, priors, strict=True))
+        return nll + kl / num_train
+
+    @jax.jit
+    def epoch(params: Any, opt_state: Any, priors: Any, x: Any, y: Any, key: Any) -> Any:
+        """One epoch: a scan of Adam steps over the minibatches ``x`` (B, n, 64), ``y``."""
+
+        def step(carry: Any, inputs: Any) -> Any:
+            params, opt_state = carry
+            xb, yb, key = inputs
+            loss, grads = jax.value_and_grad(loss_fn)(params, priors, xb, yb, key)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        keys = jax.random.split(key, x.shape[0])
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (x, y, keys))
+        return params, opt_state, losses
+
+    @jax.jit
+    def predict(params: Any, x: Any, key: Any) -> Any:
+        logits = jax_forward(params, x, (eval_samples,), key)
+        return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+
+    return optimizer, epoch, predict
+
+
+def run_jax(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argparse.Namespace):
+    """Train and evaluate the JAX model; returns the run record."""
+    import jax
+    import jax.numpy as jnp
+
+    import structcov.jax  # noqa: F401 -- registers the pytrees
+
+    num_train = len(data["y_train"])
+    cfg_key = (cfg.scale_transform, cfg.lr, cfg.lr_scaling, cfg.train_samples,
+               cfg.eval_samples, num_train)  # fmt: skip
+    optimizer, epoch, predict = jax_program(structure, cfg_key)
+    factory = covariance_factory(structure, cfg.scale_transform)
+    key = jax.random.key(seed)
+    key, k1, k2 = jax.random.split(key, 3)
+    params = (
+        init_jax_layer(k1, 64, HIDDEN, factory),
+        init_jax_layer(k2, HIDDEN, NUM_CLASSES, factory),
+    )
+    priors = tuple(sc.normal_prior(p, cfg.prior_scale) for p in params)
+    initial_cov = [np.asarray(leaf) for p in params for leaf in jax.tree.leaves(p.cov)]
+    opt_state = optimizer.init(params)
+    x_train, y_train = data["x_train"], data["y_train"]
+
+    rng = np.random.default_rng(seed)
+    nonfinite_steps, epoch_seconds, last_loss = 0, [], math.nan
+    for _ in range(cfg.epochs):
+        start = time.perf_counter()
+        key, sub = jax.random.split(key)
+        index = batches(num_train, cfg.batch_size, rng)
+        x, y = jnp.asarray(x_train[index]), jnp.asarray(y_train[index])
+        params, opt_state, losses = epoch(params, opt_state, priors, x, y, sub)
+        losses = np.asarray(jax.block_until_ready(losses))
+        epoch_seconds.append(time.perf_counter() - start)
+        nonfinite_steps += int(np.sum(~np.isfinite(losses)))
+        last_loss = float(losses[-1])
+
+    key, sub = jax.random.split(key)
+    probs = np.asarray(predict(params, jnp.asarray(data["x_test"]), sub))
+    params_finite = all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+    final_cov = [np.asarray(leaf) for p in params for leaf in jax.tree.leaves(p.cov)]
+    moved = all(not np.array_equal(a, b) for a, b in zip(initial_cov, final_cov, strict=True))
+    storage = {path: np.asarray(v) for p in params for path, v in p.cov.storage().items()}
+    return _record(
+        "jax", structure, seed, cfg, data, probs, epoch_seconds, nonfinite_steps,
+        last_loss, params_finite, moved, storage,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------- report
+def min_diagonal_std(storage_arrays: dict[str, np.ndarray], transform: str | None) -> float:
+    """The smallest |std| of the stored diagonal (``scale.*``) arrays; nan if there are none.
+
+    For ``identity`` a value near 0 means the raw std came close to crossing zero.
+    """
+    scales = [np.asarray(v, np.float64) for k, v in storage_arrays.items() if "scale." in k]
+    if not scales:
+        return math.nan
+    rho = np.concatenate([v.ravel() for v in scales])
+    if transform in (None, "softplus"):
+        std = np.logaddexp(rho, 0.0)
+    elif transform == "exp":
+        std = np.exp(rho)
+    else:
+        std = rho
+    return float(np.min(np.abs(std)))
+
+
+def _record(
+    backend: str,
+    structure: str,
+    seed: int,
+    cfg: argparse.Namespace,
+    data: dict[str, np.ndarray],
+    probs: np.ndarray,
+    epoch_seconds: list[float],
+    nonfinite_steps: int,
+    last_loss: float,
+    params_finite: bool,
+    moved: bool,
+    storage: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    metrics = evaluate(probs, data["y_test"])
+    applies = structure in ("diagonal", "lrpd8")
+    return {
+        "backend": backend,
+        "structure": structure,
+        "scale_transform": (cfg.scale_transform or "default") if applies else "-",
+        "seed": seed,
+        "epochs": cfg.epochs,
+        **metrics,
+        "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else math.nan,
+        "nonfinite_steps": nonfinite_steps,
+        "steps": cfg.epochs * (len(data["y_train"]) // cfg.batch_size),
+        "final_loss": last_loss,
+        "ended_nan": not (params_finite and bool(np.all(np.isfinite(probs)))),
+        "covariance_moved": moved,
+        "min_diagonal_std": min_diagonal_std(storage, cfg.scale_transform),
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "nan"
+    text = f"{statistics.mean(finite):.3f}"
+    if len(finite) > 1:
+        text += f" ± {statistics.stdev(finite):.3f}"
+    if len(finite) < len(values):
+        text += f" ({len(values) - len(finite)} nan)"
+    return text
+
+
+def _minimum(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    return f"{min(finite):.2e}" if finite else "-"
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """One row per (backend, structure, transform): mean ± std over seeds."""
+    header = (
+        "| backend | structure | transform | seeds | accuracy | test NLL | ECE | s/epoch "
+        "| non-finite steps | runs ended NaN | min diag std |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [header]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["backend"], run["structure"], run["scale_transform"]), []).append(
+            run
+        )
+    for (backend, structure, transform), group in groups.items():
+        rows.append(
+            f"| {backend} | {structure} | {transform} | {len(group)} "
+            f"| {_mean_std([r['accuracy'] for r in group])} "
+            f"| {_mean_std([r['nll'] for r in group])} "
+            f"| {_mean_std([r['ece'] for r in group])} "
+            f"| {statistics.median(r['seconds_per_epoch'] for r in group):.4f} "
+            f"| {sum(r['nonfinite_steps'] for r in group)} / {sum(r['steps'] for r in group)} "
+            f"| {sum(r['ended_nan'] for r in group)} / {len(group)} "
+            f"| {_minimum([r.get('min_diagonal_std', math.nan) for r in group])} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("torch", "jax", "both"), default="both")
+    parser.add_argument(
+        "--structures", nargs="+", choices=STRUCTURE_NAMES, default=list(DEFAULT_STRUCTURES)
+    )
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. seeds-1")
+    parser.add_argument(
+        "--scale-transform",
+        choices=TRANSFORMS,
+        default=None,
+        help="for diagonal and lrpd8 (default: the library's default)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="2 epochs, 1 seed")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--prior-scale", type=float, default=1.0)
+    parser.add_argument("--train-samples", type=int, default=1)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--no-lr-scaling", dest="lr_scaling", action="store_false")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "vi_digits.json",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.seeds = 2, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    cfg = parse_args(argv)
+    data = load_data(cfg.split_seed)
+    backends = ("torch", "jax") if cfg.backend == "both" else (cfg.backend,)
+    runners = {"torch": run_torch, "jax": run_jax}
+    if "torch" in backends:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    runs = []
+    for backend in backends:
+        for structure in cfg.structures:
+            for seed in range(cfg.seeds):
+                start = time.perf_counter()
+                run = runners[backend](data, structure, seed, cfg)
+                runs.append(run)
+                print(
+                    f"[{backend} {structure} {run['scale_transform']} seed {seed}] "
+                    f"acc {run['accuracy']:.4f} nll {run['nll']:.4f} ece {run['ece']:.4f} "
+                    f"non-finite {run['nonfinite_steps']} ({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    table = markdown_table(runs)
+    print(table)
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}
+    report = {
+        "command": " ".join(["python", "benchmarks/vi_digits.py", *(argv or sys.argv[1:])]),
+        "config": config,
+        "machine": machine_info(),
+        "load_average": load_average(),
+        "runs": runs,
+        "table": table,
+    }
+    cfg.output.write_text(json.dumps(report, indent=2) + "\n")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
