@@ -150,9 +150,11 @@ def test_dtype_repr_and_reset():
     assert all(p.dtype == torch.float64 for p in lin.parameters())
     assert "in_features=4, out_features=3, bias=False" in repr(lin)
     assert "cov=None" in repr(st.Linear(4, 3))
-    before = lin.params.cov.scale["weight"].clone()
-    lin.reset_parameters()
-    assert not torch.equal(before, lin.params.cov.scale["weight"])
+    with torch.no_grad():
+        lin.params.cov.scale["weight"].fill_(3.0)
+    lin.reset_parameters()  # the stds back to 1 / sqrt(in_features), through softplus
+    std = torch.nn.functional.softplus(lin.params.cov.scale["weight"])
+    torch.testing.assert_close(std, torch.full((3, 4), 0.5, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------- state dicts

@@ -651,7 +651,8 @@ def kl_divergence(
 
     Dispatched on (type of q's structure, type of p's structure) through the KL
     registry (`structcov.covariances._kl`); each registration states its identity and cost.
-    Raises ``ValueError`` for a singular ``p``.
+    ``+inf`` for a singular ``p`` and a full-rank ``q`` (q is not absolutely continuous
+    with respect to p); ``ValueError`` when both are singular by construction.
     """
     q_structure, q_storage, q_mean = q
     p_structure, p_storage, p_mean = p
@@ -666,9 +667,15 @@ def kl_divergence(
     if q_ref.dtype != p_ref.dtype:
         raise TypeError(f"`q` and `p` must share one dtype, got {q_ref.dtype} and {p_ref.dtype}")
     if p_structure.is_singular:
+        if not q_structure.is_singular:
+            # q has a density on all of R^P, p lives on a subspace: q is not absolutely
+            # continuous with respect to p, so the divergence is +inf exactly.
+            return xp.full((), math.inf, dtype=q_ref.dtype, device=device_of(q_ref))
         raise ValueError(
-            f"KL(q || p) needs a full-rank `p`, got the singular {p_structure!r} "
-            "(it has no density)"
+            f"KL(q || p) with both `q` and `p` singular ({q_structure!r} and {p_structure!r}) "
+            "is finite only when their supports coincide, which structcov does not decide "
+            "in floating point; compare them through a full-rank structure "
+            "(e.g. LowRankPlusDiagonalCovariance)"
         )
     difference = flat_mean(p_structure, p_mean) - flat_mean(q_structure, q_mean)
     function = kl_function(type(q_structure), type(p_structure))

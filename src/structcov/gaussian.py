@@ -257,18 +257,19 @@ def kl_divergence(q: Any, p: Any) -> Array:
               + log det Sigma_p - log det Sigma_q].
 
     Exact for every pair of structures, dispatched per (type of q's structure,
-    type of p's structure) (`structcov.covariances._kl`). Structured (nothing of size P x P)
-    when ``p`` is diagonal — e.g. `normal_prior` — (trace term = sum of
-    diag(Sigma_q) / diag(Sigma_p), O(P K_q)), for Kronecker-Kronecker pairs
-    (tr = tr(C_out^p^-1 C_out^q) tr(C_in^p^-1 C_in^q), mixed-product rule) and when
-    ``p`` is low rank plus diagonal and ``q`` diagonal or low rank plus diagonal
-    (whitened by p's diagonal, O(P r^2), memory O(P r)). Other pairs use
-    tr(Sigma_p^-1 S_q S_q^T) = sum_k s_k^T Sigma_p^-1 s_k over the K_q columns of S_q:
-    O(K_q P) memory.
+    type of p's structure) (`structcov.covariances._kl`), and structured for every
+    pair: nothing of size P x P unless one side stores a P x P factor (a full-rank
+    `FactorizedCovariance`). The trace term goes through the structures' own
+    operations: diag(Sigma_q) / s^2 against a diagonal p; whitened by p's diagonal
+    with r products with S_q against a low rank plus diagonal p (O(P r^2 + r
+    products)); diag(Sigma_p^-1) and Kronecker solves on q's low-rank columns against
+    a Kronecker p; the mixed-product rule for two Kronecker structures. The cost
+    and memory of each pair are tabulated on the Concepts page.
 
-    ``q`` and ``p`` are core `GaussianParameter` s or an adapter's modules. A
-    singular ``q`` (e.g. low rank with rank < P) against a full-rank ``p`` gives
-    ``+inf``; a singular ``p`` raises ``ValueError`` (the divergence is infinite or
-    undefined).
+    ``q`` and ``p`` are core `GaussianParameter` s or an adapter's modules. ``+inf``
+    exactly when one side is singular by construction (e.g. low rank with rank < P)
+    and the other is not: q is then not absolutely continuous with respect to p (or
+    log det Sigma_q = -inf). Both singular raises ``ValueError`` (finite only for
+    equal supports, which is not decided in floating point).
     """
     return F.kl_divergence(_gaussian(q, "q")._parts(), _gaussian(p, "p")._parts())
