@@ -17,7 +17,8 @@ it does not need (see `linear` for the cost of each path and the identity it use
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._array_api import Array, device_of, is_array_api_obj, namespace, same_device
@@ -30,7 +31,7 @@ from .covariances.low_rank_plus_diagonal import LowRankPlusDiagonal
 from .functional import draw_noise, sample_shape_of
 from .gaussian import _gaussian
 
-__all__ = ["linear"]
+__all__ = ["linear", "register_projection"]
 
 #: How a sampled forward is evaluated: ``"project"`` (project the input onto the
 #: factor's columns, then combine with z) or ``"weights"`` (form W_s = M + S z_s).
@@ -39,7 +40,45 @@ Plan = Literal["project", "weights"]
 _NAMES = ("weight", "bias")
 
 
-# --------------------------------------------------------------------- cost rule
+# --------------------------------------------------------------------- projections
+#: ``forward(xp, structure, storage, means, x2, z2, has_bias)`` -> (S, N, d_out): the
+#: sampled forward without forming per-sample weights.
+ProjectionForward = Callable[[Any, Any, Storage, dict[str, Array], Array, Array, bool], Array]
+#: ``costs(structure, S, N)`` -> (project, weights) multiply-adds for an input shared by
+#: the samples; ``None``: always project.
+ProjectionCosts = Callable[[Any, int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class _Projection:
+    forward: ProjectionForward
+    costs: ProjectionCosts | None
+
+
+#: structure type -> how `linear` projects the input onto its factor (the registry
+#: counterpart of the KL one: a new structure registers here, `linear` stays as it is).
+_PROJECTIONS: dict[type, _Projection] = {}
+
+
+def register_projection(
+    structure_type: type[Structure], forward: ProjectionForward, costs: ProjectionCosts | None
+) -> None:
+    """Register the projection forward of ``structure_type`` for `linear`.
+
+    Structures without one (``Diagonal``) always form the per-sample weights
+    W_s = M + S z_s; so does every structure when the input is per sample.
+    """
+    _PROJECTIONS[structure_type] = _Projection(forward, costs)
+
+
+def _projection(structure: Structure) -> _Projection | None:
+    for cls in type(structure).__mro__:
+        found = _PROJECTIONS.get(cls)
+        if found is not None:
+            return found
+    return None
+
+
 def _plan(structure: Structure, num_samples: int, num_rows: int, per_sample_input: bool) -> Plan:
     """Which evaluation of a sampled forward is cheaper, from static shapes only.
 
@@ -53,25 +92,38 @@ def _plan(structure: Structure, num_samples: int, num_rows: int, per_sample_inpu
       against ``"project"`` N P r + S N d_out r + S P + S N P (the diagonal part
       needs per-sample weights either way).
     - With a per-sample input (``input_contains_samples``) projecting costs S N P K:
-      ``"weights"``. `Diagonal` and any other structure: ``"weights"``.
+      ``"weights"``. `Diagonal` (no registered projection): ``"weights"``.
 
-    Ties go to ``"project"``.
+    Ties go to ``"project"``. The costs are each structure's registration
+    (`register_projection`).
     """
-    if isinstance(structure, Kronecker):
-        return "project"
-    if per_sample_input or not isinstance(structure, (Factorized, LowRankPlusDiagonal)):
+    projection = _projection(structure)
+    if projection is None:
         return "weights"
-    d_out = structure.layout.shapes[structure.layout.names.index("weight")][0]
-    s, n, p = num_samples, num_rows, structure.num_params
-    if isinstance(structure, Factorized):
-        k = structure.rank
-        weights = s * p * k + s * n * p
-        project = n * p * k + s * n * d_out * k + n * p
-    else:
-        r = structure.rank
-        weights = s * p * (r + 1) + s * n * p
-        project = n * p * r + s * n * d_out * r + s * p + s * n * p
+    if projection.costs is None:
+        return "project"
+    if per_sample_input:
+        return "weights"
+    project, weights = projection.costs(structure, num_samples, num_rows)
     return "project" if project <= weights else "weights"
+
+
+def _d_out(structure: Structure) -> int:
+    return structure.layout.shapes[structure.layout.names.index("weight")][0]
+
+
+def _factorized_costs(structure: Factorized, s: int, n: int) -> tuple[int, int]:
+    p, k = structure.num_params, structure.rank
+    return n * p * k + s * n * _d_out(structure) * k + n * p, s * p * k + s * n * p
+
+
+def _low_rank_plus_diagonal_costs(
+    structure: LowRankPlusDiagonal, s: int, n: int
+) -> tuple[int, int]:
+    p, r = structure.num_params, structure.rank
+    return n * p * r + s * n * _d_out(structure) * r + s * p + s * n * p, s * p * (
+        r + 1
+    ) + s * n * p
 
 
 # --------------------------------------------------------------------- checks
@@ -450,15 +502,42 @@ def linear(
     z = draw_noise(structure, storage, means, shape, generator)
     z2 = xp.reshape(z, (num_samples, structure.num_factor_columns))
     plan = _plan(structure, num_samples, num_rows, per_sample)
-    if plan == "project" and isinstance(structure, Kronecker):
-        out = _kronecker_forward(xp, structure, storage, means, x2, z2)
-    elif plan == "project" and isinstance(structure, Factorized):
-        out = _mean_forward(xp, x2, means) + _factor_projection(
-            xp, storage, "factor", has_bias, x2, z2
-        )
-    elif plan == "project" and isinstance(structure, LowRankPlusDiagonal):
-        out = _low_rank_plus_diagonal_forward(xp, structure, storage, means, x2, z2, has_bias)
+    projection = _projection(structure)
+    if plan == "project" and projection is not None:
+        out = projection.forward(xp, structure, storage, means, x2, z2, has_bias)
     else:
         formed = _formed_weights(xp, structure, storage, means, z2)
         out = _apply_weights(xp, x2, formed["weight"], formed.get("bias"), num_samples)
     return xp.reshape(out, out_shape)
+
+
+def _factorized_forward(
+    xp: Any,
+    structure: Factorized,
+    storage: Storage,
+    means: dict[str, Array],
+    x2: Array,
+    z: Array,
+    has_bias: bool,
+) -> Array:
+    """x M^T + b + the projection of x onto the factor's columns: (S, N, d_out)."""
+    return _mean_forward(xp, x2, means) + _factor_projection(xp, storage, "factor", has_bias, x2, z)
+
+
+def _kronecker_projection(
+    xp: Any,
+    structure: Kronecker,
+    storage: Storage,
+    means: dict[str, Array],
+    x2: Array,
+    z: Array,
+    has_bias: bool,
+) -> Array:
+    return _kronecker_forward(xp, structure, storage, means, x2, z)
+
+
+register_projection(Kronecker, _kronecker_projection, None)
+register_projection(Factorized, _factorized_forward, _factorized_costs)
+register_projection(
+    LowRankPlusDiagonal, _low_rank_plus_diagonal_forward, _low_rank_plus_diagonal_costs
+)
