@@ -202,6 +202,9 @@ def _kl_diagonal_diagonal(
 class DiagonalCovariance(FactorizedCovariance):
     """Diagonal covariance Sigma = diag(s^2), S = diag(s), K = P.
 
+    Stored: ``scale[name]`` of shape ``mean.shape``, the standard deviations through
+    ``scale_transform``. ``rank`` is P.
+
     Parameters
     ----------
     scale_transform
@@ -209,9 +212,6 @@ class DiagonalCovariance(FactorizedCovariance):
         ``"softplus"`` (default) s = log(1 + e^scale), ``"exp"`` s = e^scale, or
         ``"identity"`` s = |scale| (the seed library's raw scale). Under softplus and
         exp no optimiser step can take s through zero.
-
-    Stored: ``scale[name]`` of shape ``mean.shape``, the standard deviations through
-    ``scale_transform``. ``rank`` is P.
 
     Notes
     -----
