@@ -32,6 +32,8 @@ from conftest import Backend
 from oracle import dense_oracle, flat_layout, join
 from structcov.covariances import Diagonal, Factorized, Kronecker, LowRankPlusDiagonal
 from structcov.covariances._kl import _kl_generic, kl_function
+from test_densities import Dense, eps
+from test_densities import dense_kl as closed_form_kl
 
 Q_KINDS = (
     "diagonal",
@@ -48,36 +50,9 @@ LAYOUTS = ("weight+bias", "bias-first", "weight-only", "conv4d+bias")
 C = 8.0
 
 
-def eps(dtype: str) -> float:
-    return float(np.finfo(dtype).eps)
-
-
-class Dense:
-    """A Gaussian's float64 flat mean and Sigma."""
-
-    def __init__(self, mean: np.ndarray, sigma: np.ndarray) -> None:
-        self.mean, self.sigma = mean, sigma
-        self.full_rank = bool(np.linalg.matrix_rank(sigma) == sigma.shape[0])
-        self.cond = float(np.linalg.cond(sigma)) if self.full_rank else math.inf
-
-
 def dense_kl(q: Dense, p: Dense) -> float:
     """The closed form in float64 from the dense matrices (+inf for a singular q)."""
-    if not q.full_rank:
-        return math.inf
-    diff = p.mean - q.mean
-    logdet_p = np.linalg.slogdet(p.sigma)[1]
-    logdet_q = np.linalg.slogdet(q.sigma)[1]
-    return float(
-        0.5
-        * (
-            np.trace(np.linalg.solve(p.sigma, q.sigma))
-            + diff @ np.linalg.solve(p.sigma, diff)
-            - q.mean.shape[0]
-            + logdet_p
-            - logdet_q
-        )
-    )
+    return math.inf if not q.full_rank else float(closed_form_kl(q, p))
 
 
 _CACHE: dict[tuple[Any, ...], tuple[sc.GaussianParameter, Dense]] = {}
