@@ -14,6 +14,7 @@ if _selected and "torch" not in _selected.split(","):
     pytest.skip("torch layer tests run in the torch session", allow_module_level=True)
 
 import structcov as sc  # noqa: E402
+import structcov.parametrizations as sp  # noqa: E402
 import structcov.torch as st  # noqa: E402
 
 STRUCTURES = {
@@ -39,7 +40,7 @@ def _restore_global_rng():
 def layer(structure: str | None, in_features=4, out_features=3, bias=True, seed=0, **kwargs):
     torch.manual_seed(seed)
     cov = None if structure is None else STRUCTURES[structure]
-    return st.Linear(in_features, out_features, bias, cov, dtype=torch.float64, **kwargs)
+    return st.Linear(in_features, out_features, bias, cov=cov, dtype=torch.float64, **kwargs)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -103,7 +104,8 @@ def test_deterministic_layer_is_an_ordinary_linear_layer():
     reference = torch.nn.Linear(4, 3, dtype=torch.float64)
     lin = layer(None)
     assert not lin.stochastic and lin.params.cov is None
-    torch.testing.assert_close(lin.params["weight"], reference.weight)
+    lin.load_state_dict(reference.state_dict())
+    assert lin.weight is lin.params["weight"] and lin.bias is lin.params["bias"]
     x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
     expected = reference(x)
     torch.testing.assert_close(lin(x, None), expected)
@@ -120,16 +122,106 @@ def test_deterministic_layer_is_an_ordinary_linear_layer():
 
 
 # ----------------------------------------------------------------------- construction
-def test_mean_initialised_like_nn_linear_and_cov_non_zero():
+@pytest.mark.parametrize(
+    "parametrization", [sp.Standard(), sp.NeuralTangent(), sp.MaximalUpdate()], ids=repr
+)
+@pytest.mark.parametrize("layer_type", ["input", "hidden", "output"])
+def test_initialised_at_the_parametrization_scales_and_cov_non_zero(parametrization, layer_type):
+    fan_in, fan_out = 400, 300
+    lin = st.Linear(
+        fan_in,
+        fan_out,
+        layer_type=layer_type,
+        cov=sc.DiagonalCovariance,
+        parametrization=parametrization,
+        dtype=torch.float64,
+    )
+    scales = lin.init_scales()
+    assert scales == parametrization.init_scales(fan_in, fan_out, layer_type)
+    # 120000 draws: the empirical std is within 1.5% of the parametrization's
+    assert lin.weight.std().item() == pytest.approx(scales["weight"], rel=0.015)
+    assert lin.bias.std().item() == pytest.approx(scales["bias"], rel=0.25)
+    # the diagonal covariance's stds are the same per-name scales (through softplus)
+    std = torch.nn.functional.softplus(lin.params.cov.scale["weight"])
+    torch.testing.assert_close(std, torch.full_like(std, scales["weight"]))
+    std = torch.nn.functional.softplus(lin.params.cov.scale["bias"])
+    torch.testing.assert_close(std, torch.full_like(std, scales["bias"]))
     torch.manual_seed(0)
-    reference = torch.nn.Linear(6, 5)
-    torch.manual_seed(0)
-    lin = st.Linear(6, 5, cov=sc.KroneckerCovariance())
-    torch.testing.assert_close(lin.params["weight"], reference.weight)
-    torch.testing.assert_close(lin.params["bias"], reference.bias)
-    for name, value in lin.params.cov.named_parameters():
+    kron = st.Linear(6, 5, cov=sc.KroneckerCovariance(), parametrization=parametrization)
+    for name, value in kron.params.cov.named_parameters():
         assert value.abs().min() > 0, name
-    assert lin.params["weight"].dtype == torch.float32
+    assert kron.weight.dtype == torch.float32
+
+
+def test_parametrization_scales_follow_the_papers():
+    # Tensor Programs V, Table 3 (muP, standard form) and NTP rewritten on W = w / sqrt(n).
+    mup, ntp, std = sp.MaximalUpdate(), sp.NeuralTangent(), sp.Standard()
+    assert mup.init_scales(256, 64, "output") == {"weight": 1 / 256, "bias": 1.0}
+    assert mup.init_scales(256, 64, "hidden") == {"weight": 1 / 16, "bias": 1.0}
+    assert mup.lr_scales(256, 64, "adam", "hidden") == {"weight": 1 / 256, "bias": 1.0}
+    assert mup.lr_scales(256, 64, "Adam", "input") == {"weight": 1.0, "bias": 1.0}
+    assert mup.lr_scales(256, 64, "SGD", "input") == {"weight": 64.0, "bias": 64.0}
+    assert mup.lr_scales(256, 64, "sgd", "output") == {"weight": 1 / 256, "bias": 64.0}
+    assert ntp.lr_scales(256, 64, "sgd") == {"weight": 1 / 256, "bias": 1.0}
+    assert ntp.lr_scales(256, 64, "adamw") == {"weight": 1 / 16, "bias": 1.0}
+    assert std.lr_scales(256, 64, "sgd", "output") == {"weight": 1.0, "bias": 1.0}
+    assert sp.fans((8, 3, 5, 5)) == (75, 200)
+    with pytest.raises(ValueError, match="`optimizer` must be 'sgd' or 'adam'"):
+        mup.lr_scales(4, 4, "lbfgs")
+    with pytest.raises(ValueError, match="`layer_type` must be one of"):
+        st.Linear(4, 3, layer_type="middle")
+    with pytest.raises(TypeError, match="`parametrization` must be a structcov"):
+        st.Linear(4, 3, parametrization="muP")
+    assert sp.MaximalUpdate() == sp.MaximalUpdate() != sp.Standard()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_param_groups_combine_the_parametrization_with_lr_scaling(optimizer):
+    model = st.Sequential(
+        st.Linear(
+            8,
+            16,
+            layer_type="input",
+            cov=sc.KroneckerCovariance,
+            parametrization=sp.MaximalUpdate(),
+        ),
+        torch.nn.ReLU(),
+        st.Linear(
+            16,
+            4,
+            layer_type="output",
+            cov=lambda: sc.LowRankPlusDiagonalCovariance(2),
+            parametrization=sp.MaximalUpdate(),
+        ),
+    )
+    groups = st.param_groups(model, 0.1, optimizer)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(rate) == len(list(model.parameters()))
+    for lin in (model[0], model[2]):
+        factors = sp.MaximalUpdate().lr_scales(
+            lin.in_features, lin.out_features, optimizer, lin.layer_type
+        )
+        assert rate[id(lin.weight)] == pytest.approx(0.1 * factors["weight"])
+        assert rate[id(lin.bias)] == pytest.approx(0.1 * factors["bias"])
+        for path, factor in lin.params.cov.lr_scaling.items():
+            expected = 0.1 * factors["weight"] * factor
+            assert rate[id(lin.params.cov._parameter(path))] == pytest.approx(expected), path
+    torch.optim.SGD(groups).step()
+
+
+def test_setting_cov_to_none_makes_a_layer_deterministic():
+    lin = layer("lowrank2+diag")
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen(1))
+    expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    model = st.Sequential(lin, torch.nn.ReLU(), layer("diagonal", 3, 2))
+    lin.params.cov = None
+    assert not lin.stochastic and "cov=None" in repr(lin)
+    torch.testing.assert_close(lin(x, (2,), gen(0)), expected.expand(2, 5, 3))
+    torch.testing.assert_close(lin(x, None), expected)
+    # the model's KL and parameter groups now skip it
+    only = st.kl_divergence(model[2].params, 1.0)
+    torch.testing.assert_close(st.kl_divergence(model, 1.0), only)
+    assert len(st.param_groups(model, 0.1)) >= 1
 
 
 def test_cov_object_belongs_to_one_layer_and_callables_build_one_each():
@@ -152,7 +244,7 @@ def test_dtype_repr_and_reset():
     assert "cov=None" in repr(st.Linear(4, 3))
     with torch.no_grad():
         lin.params.cov.scale["weight"].fill_(3.0)
-    lin.reset_parameters()  # the stds back to 1 / sqrt(in_features), through softplus
+    lin.reset_parameters()  # the stds back to 1 / sqrt(in_features) (Standard), through softplus
     std = torch.nn.functional.softplus(lin.params.cov.scale["weight"])
     torch.testing.assert_close(std, torch.full((3, 4), 0.5, dtype=torch.float64))
 
@@ -323,3 +415,54 @@ def test_short_elbo_training_run_improves_test_nll(structure):
     assert after < before, (before, after)
     for key, value in model.state_dict().items():
         assert not torch.equal(value, initial[key]), f"{key} did not move"
+
+
+# ----------------------------------------------------------------------- conversion
+class _Net(torch.nn.Module):
+    """A model with its own forward: converted layers draw once per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_bayesian_converts_a_deterministic_model_keeping_its_means():
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3, bias=False)
+    )
+    model = st.bayesian(plain, sc.DiagonalCovariance, parametrization=sp.MaximalUpdate())
+    assert isinstance(model, st.Sequential) and isinstance(plain, torch.nn.Sequential)
+    assert type(plain[0]) is torch.nn.Linear  # the original is not changed
+    assert [model[0].layer_type, model[2].layer_type] == ["input", "output"]
+    assert model[2].bias is None and model[0].stochastic and model[2].stochastic
+    x = torch.randn(5, 4, generator=gen(1))
+    torch.testing.assert_close(model(x, None), plain(x))
+    assert model(x, (3,), gen(2)).shape == (3, 5, 3)
+    # the covariance is at the parametrization's scale, the means are the trained ones
+    std = torch.nn.functional.softplus(model[2].params.cov.scale["weight"])
+    torch.testing.assert_close(std, torch.full_like(std, 1 / 6))
+    assert st.kl_divergence(model, 1.0).isfinite()
+
+
+def test_bayesian_last_layer_only_and_custom_forward():
+    torch.manual_seed(0)
+    net = _Net()
+    last = st.bayesian(net, sc.KroneckerCovariance(), only=["fc"])
+    assert type(last.body[0]) is torch.nn.Linear and isinstance(last.body, st.Sequential)
+    assert isinstance(last.fc, st.Linear) and last.fc.stochastic
+    x = torch.randn(5, 4, generator=gen(1))
+    torch.testing.assert_close(last.fc(last.body(x), None), net(x))
+    assert last(x).shape == (5, 3)  # one draw per call
+    picked = st.bayesian(net, sc.DiagonalCovariance, only=lambda path, m: m.out_features == 6)
+    assert isinstance(picked.body[0], st.Linear) and type(picked.fc) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"`only` names no convertible layer .*\['body'\]"):
+        st.bayesian(net, sc.DiagonalCovariance, only=["body"])
+    with pytest.raises(ValueError, match="one covariance object belongs to one layer"):
+        st.bayesian(net, sc.DiagonalCovariance())
+    with pytest.raises(ValueError, match="has no layer to convert"):
+        st.bayesian(torch.nn.ReLU(), sc.DiagonalCovariance)

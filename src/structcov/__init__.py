@@ -4,7 +4,7 @@ Written once against the Python array API standard; runs on NumPy, CuPy,
 PyTorch and JAX. Importing this package imports no array backend.
 """
 
-from . import functional
+from . import functional, parametrizations
 from .covariances import (
     DiagonalCovariance,
     FactorizedCovariance,
@@ -32,4 +32,5 @@ __all__ = [
     "kl_divergence",
     "linear",
     "normal_prior",
+    "parametrizations",
 ]

@@ -34,9 +34,10 @@ Example::
 
 from __future__ import annotations
 
-import math
+import copy as _copy
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -48,6 +49,7 @@ from .covariances import CovarianceMethods, StructuredCovariance
 from .covariances._structure import Storage, Structure
 from .functional import sample_shape_of
 from .layers import linear as _linear
+from .parametrizations import LayerType, Parametrization, Standard, check_layer_type, fans
 
 __all__ = [
     "Covariance",
@@ -55,6 +57,7 @@ __all__ = [
     "GaussianParameter",
     "Linear",
     "Sequential",
+    "bayesian",
     "kl_divergence",
     "normal_prior",
     "param_groups",
@@ -289,24 +292,37 @@ def normal_prior(like: Any, scale: Any = 1.0) -> _gaussian.GaussianParameter:
     return _gaussian.normal_prior(like, scale)
 
 
-def param_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups applying each covariance's ``lr_scaling``.
+def param_groups(module: nn.Module, lr: float, optimizer: str = "adam") -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the layers' parametrizations times each ``lr_scaling``.
 
-    Every covariance parameter of every ``GaussianParameter`` in ``module`` gets
-    ``lr * cov.lr_scaling[path]``; all other parameters (means included) get
-    ``lr``. Use as ``torch.optim.Adam(param_groups(model, 1e-3))``.
+    For a structcov layer (`Linear`, `Conv1d`, ...) with learning-rate factors
+    ``f = layer.lr_scales(optimizer)`` (its parametrization's, for ``"sgd"`` or
+    ``"adam"``): its mean ``name`` gets ``lr * f[name]`` and each covariance array
+    ``lr * f["weight"] * cov.lr_scaling[path]`` (a covariance array couples weight and
+    bias, see `structcov.parametrizations`). Any other covariance gets
+    ``lr * cov.lr_scaling[path]``; every other parameter ``lr``. Parameters with equal
+    rates share a group, in the order ``module.parameters()`` first meets them. Use as
+    ``torch.optim.Adam(param_groups(model, 1e-3))``; with `Standard` layers only the
+    covariances' ``lr_scaling`` acts.
     """
-    scaled: dict[float, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for submodule in module.modules():
-        if isinstance(submodule, Covariance):
+    rates: dict[int, float] = {}
+    for submodule in module.modules():  # pre-order: a layer before its covariance
+        if isinstance(submodule, _Layer):
+            factors = submodule.lr_scales(optimizer)
+            for name, value in submodule.params.mean.items():
+                if value is not None:
+                    rates[id(value)] = lr * factors[name]
+            cov = submodule.params.cov
+            if cov is not None:
+                for path, factor in cov.lr_scaling.items():
+                    rates[id(cov._parameter(path))] = lr * factors["weight"] * factor
+        elif isinstance(submodule, Covariance):
             for path, factor in submodule.lr_scaling.items():
-                parameter = submodule._parameter(path)
-                scaled.setdefault(lr * factor, []).append(parameter)  # type: ignore[arg-type]
-                seen.add(id(parameter))
-    rest = [parameter for parameter in module.parameters() if id(parameter) not in seen]
-    groups = [{"params": rest, "lr": lr}] if rest else []
-    return groups + [{"params": params, "lr": rate} for rate, params in scaled.items()]
+                rates.setdefault(id(submodule._parameter(path)), lr * factor)
+    grouped: dict[float, list[nn.Parameter]] = {}
+    for parameter in module.parameters():
+        grouped.setdefault(rates.get(id(parameter), lr), []).append(parameter)
+    return [{"params": params, "lr": rate} for rate, params in grouped.items()]
 
 
 # ------------------------------------------------------------------ model-level inference
@@ -315,7 +331,8 @@ def _gaussian_modules(module: nn.Module) -> dict[str, GaussianParameter]:
     return {
         path: found
         for path, found in module.named_modules()
-        if isinstance(found, GaussianParameter)
+        # a layer made deterministic by `params.cov = None` takes no part
+        if isinstance(found, GaussianParameter) and found.cov is not None
     }
 
 
@@ -443,151 +460,103 @@ class _Sampled(nn.Module):
 CovarianceSpec = StructuredCovariance | Callable[[], StructuredCovariance] | None
 
 
-class Linear(_Sampled):
-    r"""A dense layer ``y = x W^T + b`` with Gaussian (or fixed) parameters.
+def _core_covariance(cov: StructuredCovariance | Callable[[], StructuredCovariance]) -> Any:
+    core = cov if isinstance(cov, StructuredCovariance) else cov()
+    if not isinstance(core, StructuredCovariance):
+        raise TypeError(
+            "`cov` must be None, a structcov covariance (e.g. "
+            "structcov.KroneckerCovariance()) or a zero-argument callable returning "
+            f"one, got {type(core).__name__}"
+        )
+    return core
 
-    Thin glue around `structcov.linear`: the layer owns ``params`` and calls
-    ``structcov.linear(input, self.params, ...)`` for every forward, so the
-    structure-aware evaluation and its costs are the core's.
 
-    Parameters
-    ----------
-    in_features, out_features
-        The sizes of the input and output (at least 1).
-    bias
-        Whether the layer has a bias (else ``params["bias"]`` is ``None``).
-    cov
-        ``None``: a deterministic layer (an ordinary linear layer). Else a core
-        covariance, e.g. ``structcov.KroneckerCovariance()``, or a zero-argument
-        callable returning one (``structcov.DiagonalCovariance``, ``lambda:
-        structcov.LowRankPlusDiagonalCovariance(2)``), called once for this layer.
-        A covariance object belongs to one parameter: passing one that another layer
-        already uses raises ``ValueError`` (pass a callable to build one per layer).
-    local_reparameterization
-        `structcov.DiagonalCovariance` only: draw output noise instead of weights
-        (see `structcov.linear`: it changes the joint distribution across the batch).
-    device, dtype
-        Where and in which dtype the parameters are created.
-
-    Attributes
-    ----------
-    params
-        A `GaussianParameter` (or a `DeterministicParameter` for ``cov=None``) with means
-        ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``
-        (``None`` without bias): state-dict keys ``params.mean.weight``,
-        ``params.mean.bias``, ``params.cov.<storage path>``.
-
-    Notes
-    -----
-    Initialisation (`reset_parameters`): the means as ``torch.nn.Linear`` (Kaiming
-    uniform weight, bias uniform in ±1/sqrt(in_features); drawn from torch's global
-    RNG in the same order, so after the same ``torch.manual_seed`` the means equal
-    ``nn.Linear`` 's), then ``params.cov.reset_parameters(1 / sqrt(in_features))``:
-    the covariance is drawn at the scale of the mean's initialisation in the standard
-    parametrization (each structure sets its std from that scale, e.g. scale /
-    sqrt(rank) for factors). Every stored array is drawn non-zero, so every one gets
-    a gradient (a zero Kronecker factor pair would be a saddle point).
-
-    ``load_state_dict`` also accepts a ``torch.nn.Linear`` state dict (keys
-    ``weight``, ``bias``): it sets the means and keeps the covariance as it is
-    (strict loading passes).
-    """
+class _Layer(_Sampled):
+    """What `Linear` and the convolutions share: ``params``, the parametrization and its
+    initialisation, learning-rate scales, ``nn.Linear`` / ``nn.Conv*`` state dicts."""
 
     params: GaussianParameter | DeterministicParameter
 
-    def __init__(
+    def _build(
         self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        cov: CovarianceSpec = None,
-        *,
-        local_reparameterization: bool = False,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
+        mean: dict[str, torch.Tensor | None],
+        cov: CovarianceSpec,
+        layer_type: LayerType,
+        parametrization: Parametrization,
     ) -> None:
-        super().__init__()
-        for argument, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.local_reparameterization = local_reparameterization
-        factory = {"device": device, "dtype": dtype}
-        mean: dict[str, torch.Tensor | None] = {
-            "weight": torch.empty(out_features, in_features, **factory),
-            "bias": torch.empty(out_features, **factory) if bias else None,
-        }
+        self.layer_type = check_layer_type(layer_type)
+        if not isinstance(parametrization, Parametrization):
+            raise TypeError(
+                "`parametrization` must be a structcov.parametrizations.Parametrization "
+                "(Standard(), NeuralTangent(), MaximalUpdate()), got "
+                f"{type(parametrization).__name__}"
+            )
+        self.parametrization = parametrization
         if cov is None:
-            if local_reparameterization:
-                raise ValueError("`local_reparameterization=True` needs a covariance, got cov=None")
             self.params = DeterministicParameter(mean)
         else:
-            core = cov if isinstance(cov, StructuredCovariance) else cov()
-            if not isinstance(core, StructuredCovariance):
-                raise TypeError(
-                    "`cov` must be None, a structcov covariance (e.g. "
-                    "structcov.KroneckerCovariance()) or a zero-argument callable returning "
-                    f"one, got {type(core).__name__}"
-                )
-            self.params = GaussianParameter(mean, core)
+            self.params = GaussianParameter(mean, _core_covariance(cov))
         self.reset_parameters()
 
     @property
     def stochastic(self) -> bool:
-        """Whether the layer has a covariance (``cov`` was given)."""
-        return isinstance(self.params, GaussianParameter)
+        """Whether the layer has a covariance (``params.cov`` is not ``None``).
+
+        Setting ``layer.params.cov = None`` makes the layer deterministic (its forward
+        then uses the means, as with ``cov=None``).
+        """
+        return self.params.cov is not None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight mean, ``params.mean.weight``."""
+        return cast(nn.Parameter, self.params.mean["weight"])
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The bias mean, ``params.mean.bias`` (``None`` without bias)."""
+        return self.params.mean["bias"]
+
+    def _fans(self) -> tuple[int, int]:
+        return fans(tuple(self.weight.shape))
+
+    def init_scales(self) -> dict[str, float]:
+        """The parametrization's initial stds ``{"weight": ..., "bias": ...}`` for this layer."""
+        return self.parametrization.init_scales(*self._fans(), self.layer_type)
+
+    def lr_scales(self, optimizer: str = "adam") -> dict[str, float]:
+        """The parametrization's learning-rate factors ``{"weight": ..., "bias": ...}``."""
+        return self.parametrization.lr_scales(*self._fans(), optimizer, self.layer_type)
 
     def reset_parameters(self) -> None:
-        """Draw the means as ``nn.Linear`` does, then the covariance at 1/sqrt(in_features)."""
-        weight = cast(torch.Tensor, self.params.mean["weight"])
-        bias = self.params.mean["bias"]  # registered, None without bias
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        bound = 1 / math.sqrt(self.in_features)
-        if bias is not None:
-            nn.init.uniform_(bias, -bound, bound)
-        if isinstance(self.params, GaussianParameter):
-            self.params.cov.reset_parameters(bound, generator=None)
+        """Means N(0, init_scale^2) by name, then the covariance at the same per-name scales.
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        /,
-        sample_shape: Any = (),
-        generator: torch.Generator | None = None,
-        input_contains_samples: bool = False,
-        parameter_samples: Mapping[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """``(*sample_shape, *batch, out_features)`` from ``(*batch, in_features)``.
-
-        See `structcov.linear` for the arguments: one parameter draw per sample index,
-        shared by the batch; ``sample_shape=None`` gives the mean forward ``(*batch,
-        out_features)``; ``input_contains_samples=True`` takes an input
-        ``(*sample_shape, *batch, in_features)``; ``parameter_samples`` uses given
-        samples instead of drawing.
-
-        A deterministic layer (``cov=None``) computes ``x W^T + b`` once; a
-        ``sample_shape`` only adds leading axes, replicated (a broadcast view of the
-        one result: clone it before writing in place). It takes no
-        ``parameter_samples``.
+        The scales are the parametrization's (`init_scales`); the draws come from
+        torch's global RNG (as ``nn.Linear`` 's), the covariance's through its
+        ``reset_parameters(scales)``: each structure sets its stds from them (e.g.
+        scale / sqrt(rank) per factor, the scale itself for a diagonal), never zero.
         """
-        if isinstance(self.params, GaussianParameter):
-            return cast(
-                torch.Tensor,
-                _linear(
-                    input,
-                    self.params,
-                    sample_shape,
-                    generator,
-                    input_contains_samples=input_contains_samples,
-                    parameter_samples=parameter_samples,
-                    local_reparameterization=self.local_reparameterization,
-                ),
+        scales = self.init_scales()
+        with torch.no_grad():
+            for name, value in self.params.mean.items():
+                if value is not None:
+                    value.normal_(0.0, scales[name])
+        if self.params.cov is not None:
+            self.params.cov.reset_parameters(
+                {name: scales[name] for name in self.params.cov.structure.layout.names},
+                generator=None,
             )
+
+    def _deterministic_forward(
+        self,
+        out: torch.Tensor,
+        input: torch.Tensor,
+        sample_shape: Any,
+        input_contains_samples: bool,
+        parameter_samples: Any,
+    ) -> torch.Tensor:
         if parameter_samples is not None:
             raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
-        weight = cast(torch.Tensor, self.params.mean["weight"])
-        out = nn.functional.linear(input, weight, self.params.mean["bias"])
         if sample_shape is None:
             if input_contains_samples:
                 raise ValueError(
@@ -614,8 +583,9 @@ class Linear(_Sampled):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # An nn.Linear state dict: `weight` / `bias` become the means; the covariance
-        # keys it lacks are filled with the current values, so strict loading passes.
+        # An nn.Linear / nn.Conv* state dict: `weight` / `bias` become the means; the
+        # covariance keys it lacks are filled with the current values, so strict loading
+        # passes.
         if f"{prefix}weight" in state_dict:
             for name in ("weight", "bias"):
                 if f"{prefix}{name}" in state_dict:
@@ -627,12 +597,139 @@ class Linear(_Sampled):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _repr_tail(self) -> str:
+        text = ""
+        if self.layer_type != "hidden":
+            text += f", layer_type={self.layer_type!r}"
+        if not isinstance(self.parametrization, Standard):
+            text += f", parametrization={self.parametrization!r}"
+        return text if self.stochastic else text + ", cov=None"
+
+
+class Linear(_Layer):
+    r"""A dense layer ``y = x W^T + b`` with Gaussian (or fixed) parameters.
+
+    Thin glue around `structcov.linear`: the layer owns ``params`` and calls
+    ``structcov.linear(input, self.params, ...)`` for every forward, so the
+    structure-aware evaluation and its costs are the core's.
+
+    Parameters
+    ----------
+    in_features, out_features
+        The sizes of the input and output (at least 1).
+    bias
+        Whether the layer has a bias (else ``params["bias"]`` is ``None``).
+    layer_type
+        ``"input"``, ``"hidden"`` or ``"output"``: where the layer sits, for the
+        parametrization's initial and learning-rate scales.
+    cov
+        ``None``: a deterministic layer (an ordinary linear layer). Else a core
+        covariance, e.g. ``structcov.KroneckerCovariance()``, or a zero-argument
+        callable returning one (``structcov.DiagonalCovariance``, ``lambda:
+        structcov.LowRankPlusDiagonalCovariance(2)``), called once for this layer.
+        A covariance object belongs to one parameter: passing one that another layer
+        already uses raises ``ValueError`` (pass a callable to build one per layer).
+    parametrization
+        A `structcov.parametrizations.Parametrization`: ``Standard()`` (the default),
+        ``NeuralTangent()`` or ``MaximalUpdate()`` (the seed's default). It sets the
+        initial stds of the means and the covariance (`reset_parameters`) and the
+        learning-rate factors `param_groups` applies.
+    local_reparameterization
+        `structcov.DiagonalCovariance` only: draw output noise instead of weights
+        (see `structcov.linear`: it changes the joint distribution across the batch).
+    device, dtype
+        Where and in which dtype the parameters are created.
+
+    Attributes
+    ----------
+    params
+        A `GaussianParameter` (or a `DeterministicParameter` for ``cov=None``) with means
+        ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``
+        (``None`` without bias): state-dict keys ``params.mean.weight``,
+        ``params.mean.bias``, ``params.cov.<storage path>``.
+
+    Notes
+    -----
+    ``load_state_dict`` also accepts a ``torch.nn.Linear`` state dict (keys
+    ``weight``, ``bias``): it sets the means and keeps the covariance as it is
+    (strict loading passes).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        layer_type: LayerType = "hidden",
+        cov: CovarianceSpec = None,
+        parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+        *,
+        local_reparameterization: bool = False,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for argument, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+        if cov is None and local_reparameterization:
+            raise ValueError("`local_reparameterization=True` needs a covariance, got cov=None")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.local_reparameterization = local_reparameterization
+        factory = {"device": device, "dtype": dtype}
+        mean: dict[str, torch.Tensor | None] = {
+            "weight": torch.empty(out_features, in_features, **factory),
+            "bias": torch.empty(out_features, **factory) if bias else None,
+        }
+        self._build(mean, cov, layer_type, parametrization)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        /,
+        sample_shape: Any = (),
+        generator: torch.Generator | None = None,
+        input_contains_samples: bool = False,
+        parameter_samples: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(*sample_shape, *batch, out_features)`` from ``(*batch, in_features)``.
+
+        See `structcov.linear` for the arguments: one parameter draw per sample index,
+        shared by the batch; ``sample_shape=None`` gives the mean forward ``(*batch,
+        out_features)``; ``input_contains_samples=True`` takes an input
+        ``(*sample_shape, *batch, in_features)``; ``parameter_samples`` uses given
+        samples instead of drawing.
+
+        A deterministic layer (``cov=None``) computes ``x W^T + b`` once; a
+        ``sample_shape`` only adds leading axes, replicated (a broadcast view of the
+        one result: clone it before writing in place). It takes no
+        ``parameter_samples``.
+        """
+        if self.params.cov is not None:
+            return cast(
+                torch.Tensor,
+                _linear(
+                    input,
+                    self.params,
+                    sample_shape,
+                    generator,
+                    input_contains_samples=input_contains_samples,
+                    parameter_samples=parameter_samples,
+                    local_reparameterization=self.local_reparameterization,
+                ),
+            )
+        out = nn.functional.linear(input, self.weight, self.bias)
+        return self._deterministic_forward(
+            out, input, sample_shape, input_contains_samples, parameter_samples
+        )
+
     def extra_repr(self) -> str:
         bias = self.params.mean["bias"] is not None
         text = f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
         if self.local_reparameterization:
             text += ", local_reparameterization=True"
-        return text if self.stochastic else text + ", cov=None"
+        return text + self._repr_tail()
 
 
 class Sequential(nn.Sequential, _Sampled):
@@ -682,3 +779,108 @@ class Sequential(nn.Sequential, _Sampled):
         if shape is not None and not contains:
             out = out.expand(*shape, *out.shape)
         return out
+
+
+# ------------------------------------------------------------------ conversion
+def _convertible(module: nn.Module) -> bool:
+    return type(module) in _CONVERTERS
+
+
+def _linear_from(module: nn.Module, cov: CovarianceSpec, **options: Any) -> _Layer:
+    assert isinstance(module, nn.Linear)
+    return Linear(
+        module.in_features,
+        module.out_features,
+        module.bias is not None,
+        cov=cov,
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+        **options,
+    )
+
+
+#: deterministic module type -> builder of its structcov layer (same shapes, no values)
+_CONVERTERS: dict[type, Callable[..., _Layer]] = {nn.Linear: _linear_from}
+
+
+def bayesian(
+    model: nn.Module,
+    cov: StructuredCovariance | Callable[[], StructuredCovariance],
+    *,
+    only: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+    parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+) -> nn.Module:
+    """A Bayesian copy of a deterministic ``model``: its layers with Gaussian parameters.
+
+    Every ``nn.Linear`` (and ``nn.Conv1d/2d/3d``) selected by ``only`` becomes the
+    structcov layer of the same shape with a covariance from ``cov`` (a zero-argument
+    callable, called once per layer, or one covariance object for a single layer),
+    its means equal to the trained weight and bias and its covariance reset at the
+    parametrization's scales (`_Layer.reset_parameters`). Unselected layers are kept
+    as they are, every ``nn.Sequential`` becomes a `Sequential` (so ``sample_shape``
+    and ``generator`` reach the layers), and ``model`` is not changed (it is deep
+    copied first).
+
+    ``only``: ``None`` selects every convertible layer; an iterable of module paths
+    (``model.named_modules()`` names, e.g. ``["fc"]`` or ``["4"]`` for the last layer
+    of a Sequential) or a predicate ``(path, module) -> bool`` selects some. A path
+    that names no convertible layer raises ``ValueError``. Layer types for the
+    parametrization: the first selected layer in module order is ``"input"``, the
+    last ``"output"`` (a single one: ``"output"``), the rest ``"hidden"``.
+
+    Inside a plain ``nn.Module`` with its own ``forward`` the converted layers are
+    called as ``layer(x)``: one parameter draw per call, no sample axes.
+    """
+    found = [(path, module) for path, module in model.named_modules() if _convertible(module)]
+    if only is None:
+        selected = [path for path, _ in found]
+    elif callable(only):
+        selected = [path for path, module in found if only(path, module)]
+    else:
+        wanted = list(only)
+        paths = {path for path, _ in found}
+        unknown = [path for path in wanted if path not in paths]
+        if unknown:
+            raise ValueError(
+                f"`only` names no convertible layer (nn.Linear, nn.Conv1d/2d/3d) at {unknown}; "
+                f"the convertible layers are at {sorted(paths)}"
+            )
+        selected = [path for path, _ in found if path in set(wanted)]
+    if not selected:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no layer to convert "
+            "(nn.Linear, nn.Conv1d/2d/3d) among the selected ones"
+        )
+    if isinstance(cov, StructuredCovariance) and len(selected) > 1:
+        raise ValueError(
+            f"one covariance object belongs to one layer, but {len(selected)} layers are "
+            "selected: pass a zero-argument callable (e.g. structcov.DiagonalCovariance)"
+        )
+    types: dict[str, LayerType] = {path: "hidden" for path in selected}
+    types[selected[0]] = "input"
+    types[selected[-1]] = "output"
+    copy = _copy.deepcopy(model)
+    return _convert(copy, "", set(selected), types, cov, parametrization)
+
+
+def _convert(
+    module: nn.Module,
+    path: str,
+    selected: set[str],
+    types: dict[str, LayerType],
+    cov: Any,
+    parametrization: Parametrization,
+) -> nn.Module:
+    if path in selected:
+        layer = _CONVERTERS[type(module)](
+            module, cov, layer_type=types[path], parametrization=parametrization
+        )
+        layer.load_state_dict(module.state_dict())  # the means; the covariance stays
+        return layer.train(module.training)
+    for name, child in list(module.named_children()):
+        child_path = f"{path}.{name}" if path else name
+        module._modules[name] = _convert(child, child_path, selected, types, cov, parametrization)
+    if type(module) is nn.Sequential:
+        converted = Sequential(OrderedDict(module._modules))  # keeps the child names
+        return converted.train(module.training)
+    return module
