@@ -99,6 +99,9 @@ def thorough(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark suite on numpy, torch and jax.jit (results in benchmarks/results/)."""
     session.install("-e", ".[bench,torch,jax]")
+    # The seed library, for benchmarks/layer_speed.py: no deps (its torchvision pin would
+    # replace the CPU torch build; only inferno.bnn is imported, which needs none).
+    session.install("--no-deps", "inferno-torch==0.0.8")
     session.run(
         "python",
         "benchmarks/suite.py",

@@ -138,3 +138,19 @@ def test_kl_pairs_smoke_run_reports_every_pair() -> None:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[3].startswith("`_kl_") and cells[3] != "`_kl_generic`", row
         assert cells[4] != "nan" and cells[6] != "-", row  # a KL value and a measured peak
+
+
+def test_layer_speed_smoke_run_reports_every_covariance() -> None:
+    """``benchmarks/layer_speed.py --smoke``: every covariance timed against the floor."""
+    if _session_backend() != "torch":
+        pytest.skip("benchmarks/layer_speed.py measures CPU torch layers (the torch session)")
+    script = ROOT / "benchmarks" / "layer_speed.py"
+    command = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"layer_speed failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    rows = [row for row in rows if not row.startswith("|---")]
+    assert len(rows) == 8, done.stdout  # 4 covariances x (forward, fwd+bwd)
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0, row  # structcov and floor timed
