@@ -138,14 +138,19 @@ def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     confidence = probs.max(axis=-1)
     edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
     ece = 0.0
+    bins = []  # (mean confidence, accuracy, count) of each non-empty bin: the reliability diagram
     for lower, upper in itertools.pairwise(edges):
         inside = (confidence > lower) & (confidence <= upper)
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+            bins.append(
+                [float(confidence[inside].mean()), float(correct[inside].mean()), int(inside.sum())]
+            )
     return {
         "accuracy": float(correct.mean()) if finite else math.nan,
         "nll": nll,
         "ece": float(ece) if finite else math.nan,
+        "reliability": bins if finite else [],
     }
 
 
@@ -442,6 +447,46 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def plot_reliability(runs: list[dict[str, Any]], path: Path) -> None:
+    """A reliability diagram per backend: accuracy against confidence, one line per structure.
+
+    Bins are pooled over seeds (counts added, confidences and accuracies weighted by
+    count); the diagonal is perfect calibration. Needs matplotlib (``structcov[bench]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({run["backend"] for run in runs})
+    fig, axes = plt.subplots(1, len(backends), figsize=(4.2 * len(backends), 4.0), squeeze=False)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="calibrated")
+        structures = dict.fromkeys(r["structure"] for r in runs if r["backend"] == backend)
+        for structure in structures:
+            pooled: dict[int, list[float]] = {}
+            group = [r for r in runs if (r["backend"], r["structure"]) == (backend, structure)]
+            for run in group:
+                for confidence, accuracy, count in run["reliability"]:
+                    key = min(int(confidence * ECE_BINS), ECE_BINS - 1)
+                    total = pooled.setdefault(key, [0.0, 0.0, 0.0])
+                    total[0] += confidence * count
+                    total[1] += accuracy * count
+                    total[2] += count
+            points = sorted((c / n, a / n) for c, a, n in pooled.values())
+            if points:
+                ece = statistics.mean(r["ece"] for r in group)
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3,
+                        label=f"{structure} (ECE {ece:.3f})")  # fmt: skip
+        ax.set(title=f"{backend}, float32", xlabel="confidence", ylabel="accuracy")
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("torch", "jax", "both"), default="both")
@@ -465,6 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--no-lr-scaling", dest="lr_scaling", action="store_false")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a reliability diagram (PNG) here"
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -512,6 +560,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "table": table,
     }
     cfg.output.write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.plot is not None:
+        plot_reliability(runs, cfg.plot)
     return runs
 
 
