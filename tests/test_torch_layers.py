@@ -466,3 +466,78 @@ def test_bayesian_last_layer_only_and_custom_forward():
         st.bayesian(net, sc.DiagonalCovariance())
     with pytest.raises(ValueError, match="has no layer to convert"):
         st.bayesian(torch.nn.ReLU(), sc.DiagonalCovariance)
+
+
+# ----------------------------------------------------------------------- convolutions
+CONVS = {
+    1: (st.Conv1d, torch.nn.Conv1d),
+    2: (st.Conv2d, torch.nn.Conv2d),
+    3: (st.Conv3d, torch.nn.Conv3d),
+}
+
+
+def conv_layer(n, structure, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    cov = None if structure is None else STRUCTURES[structure]
+    options = {"stride": 1, "padding": 1, "groups": 1, "bias": True, **kwargs}
+    return CONVS[n][0](4, 6, 3, cov=cov, dtype=torch.float64, **options)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("structure", ["diagonal", "kronecker", "lowrank2+diag", None])
+def test_conv_layers_are_structcov_conv_on_params_and_load_nn_conv(n, structure):
+    layer_ = conv_layer(n, structure, stride=2, groups=2)
+    x = torch.randn(5, 4, *(7,) * n, dtype=torch.float64, generator=gen(1))
+    reference = CONVS[n][1](4, 6, 3, stride=2, padding=1, groups=2, dtype=torch.float64)
+    layer_.load_state_dict(reference.state_dict())  # strict: the covariance is kept
+    torch.testing.assert_close(layer_(x, None), reference(x))
+    out = layer_(x, (3,), gen(2))
+    assert out.shape == (3, *reference(x).shape)
+    if structure is None:
+        torch.testing.assert_close(out, reference(x).expand(3, *reference(x).shape))
+        return
+    options = {"stride": 2, "padding": 1, "groups": 2}
+    torch.testing.assert_close(out, sc.conv(x, layer_.params, (3,), gen(2), **options))
+    # a different draw per sample, and gradients reach every stored array
+    assert not torch.allclose(out[0], out[1])
+    (out**2).sum().backward()
+    for name, parameter in layer_.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_conv_layer_init_errors_repr_and_sequential():
+    layer_ = st.Conv2d(
+        3,
+        8,
+        (3, 5),
+        padding="same",
+        cov=sc.KroneckerCovariance,
+        layer_type="input",
+        parametrization=sp.MaximalUpdate(),
+    )
+    assert layer_.init_scales() == sp.MaximalUpdate().init_scales(45, 120, "input")
+    assert "kernel_size=(3, 5)" in repr(layer_) and "layer_type='input'" in repr(layer_)
+    x = torch.randn(2, 3, 9, 9, generator=gen(1))
+    assert layer_(x, (4,), gen(0)).shape == (4, 2, 8, 9, 9)
+    model = st.Sequential(layer_, torch.nn.ReLU(), st.Conv2d(8, 2, 1, cov=sc.DiagonalCovariance))
+    out = model(x, (4,), gen(0))
+    assert out.shape == (4, 2, 2, 9, 9)
+    assert st.kl_divergence(model, 1.0).isfinite()
+    with pytest.raises(ValueError, match="`groups` \\(3\\) must divide"):
+        st.Conv2d(4, 6, 3, groups=3)
+    with pytest.raises(ValueError, match="`padding_mode` must be 'zeros'"):
+        st.Conv1d(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="`kernel_size` must be an int or a tuple of 2 ints"):
+        st.Conv2d(4, 6, (3, 3, 3))
+
+
+def test_bayesian_converts_convolutions():
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)
+    )
+    model = st.bayesian(plain, sc.KroneckerCovariance)
+    assert isinstance(model[0], st.Conv2d) and isinstance(model[2], st.Conv2d)
+    x = torch.randn(3, 1, 6, 6, generator=gen(1))
+    torch.testing.assert_close(model(x, None), plain(x))
+    assert model(x, (2,), gen(0)).shape == (2, 3, 2, 4, 4)

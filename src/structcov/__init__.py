@@ -13,6 +13,7 @@ from .covariances import (
     LowRankPlusDiagonalCovariance,
 )
 from .gaussian import BNNParameter, GaussianParameter, kl_divergence, normal_prior
+from .convolution import conv
 from .layers import linear
 from .projection import from_dense
 
@@ -27,6 +28,7 @@ __all__ = [
     "LowRankCovariance",
     "LowRankPlusDiagonalCovariance",
     "__version__",
+    "conv",
     "from_dense",
     "functional",
     "kl_divergence",

@@ -45,6 +45,7 @@ from torch import nn
 
 from . import functional as _functional
 from . import gaussian as _gaussian
+from .convolution import conv as _conv
 from .covariances import CovarianceMethods, StructuredCovariance
 from .covariances._structure import Storage, Structure
 from .functional import sample_shape_of
@@ -52,6 +53,9 @@ from .layers import linear as _linear
 from .parametrizations import LayerType, Parametrization, Standard, check_layer_type, fans
 
 __all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
     "Covariance",
     "DeterministicParameter",
     "GaussianParameter",
@@ -732,6 +736,168 @@ class Linear(_Layer):
         return text + self._repr_tail()
 
 
+def _tuple(value: Any, n: int, argument: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    if (
+        isinstance(value, tuple)
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return value
+    raise ValueError(f"`{argument}` must be an int or a tuple of {n} ints, got {value!r}")
+
+
+class _ConvNd(_Layer):
+    """A convolution layer with Gaussian (or fixed) parameters; see `Conv2d`."""
+
+    _spatial: int
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        layer_type: LayerType = "hidden",
+        cov: CovarianceSpec = None,
+        parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+        *,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        n = self._spatial
+        for argument, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"`groups` ({groups}) must divide in_channels ({in_channels}) and "
+                f"out_channels ({out_channels})"
+            )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"`padding_mode` must be 'zeros' (the only mode structcov.conv has), got "
+                f"{padding_mode!r}: pad the input yourself (torch.nn.functional.pad) and "
+                "use padding=0"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
+        self.stride = _tuple(stride, n, "stride")
+        self.dilation = _tuple(dilation, n, "dilation")
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, n, "padding")
+        self.padding_mode = padding_mode
+        factory = {"device": device, "dtype": dtype}
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        mean: dict[str, torch.Tensor | None] = {
+            "weight": torch.empty(shape, **factory),
+            "bias": torch.empty(out_channels, **factory) if bias else None,
+        }
+        self._build(mean, cov, layer_type, parametrization)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        /,
+        sample_shape: Any = (),
+        generator: torch.Generator | None = None,
+        input_contains_samples: bool = False,
+        parameter_samples: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(*sample_shape, *batch, C_out, *spatial_out)`` from ``(*batch, C_in, *spatial)``.
+
+        See `structcov.conv` for the arguments and the cost per structure (Kronecker:
+        one convolution with the input factor, then rank-sized products per sample).
+        A deterministic layer (``params.cov`` is ``None``) convolves once with the
+        means; ``sample_shape`` then only adds replicated leading axes.
+        """
+        options: dict[str, Any] = {
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+        }
+        if self.params.cov is not None:
+            return cast(
+                torch.Tensor,
+                _conv(
+                    input,
+                    self.params,
+                    sample_shape,
+                    generator,
+                    input_contains_samples=input_contains_samples,
+                    parameter_samples=parameter_samples,
+                    **options,
+                ),
+            )
+        conv_nd = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)
+        item = input.shape[input.ndim - self._spatial - 1 :]  # (C_in, *spatial)
+        out = conv_nd[self._spatial - 1](
+            input.reshape(-1, *item), self.weight, self.bias, **options
+        )  # the means, once, with torch's own convolution
+        out = out.reshape(*input.shape[: input.ndim - len(item)], *out.shape[1:])
+        return self._deterministic_forward(
+            out, input, sample_shape, input_contains_samples, parameter_samples
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0,) * self._spatial:
+            text += f", padding={self.padding}"
+        if self.dilation != (1,) * self._spatial:
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.params.mean["bias"] is None:
+            text += ", bias=False"
+        return text + self._repr_tail()
+
+
+_CONV_DOC = """A {n}-D convolution layer with Gaussian (or fixed) parameters (as ``nn.Conv{n}d``).
+
+    ``Conv{n}d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+    groups=1, bias=True, padding_mode="zeros", layer_type="hidden", cov=None,
+    parametrization=Standard(), *, device=None, dtype=None)``: the seed's signature.
+    ``params`` holds the means ``weight`` ``(out_channels, in_channels / groups,
+    *kernel_size)`` and ``bias`` ``(out_channels,)`` and the covariance; ``cov``,
+    ``layer_type`` and ``parametrization`` as for `Linear` (fan_in = in_channels /
+    groups * prod(kernel_size)). Every forward is `structcov.conv` on ``params``:
+    ``forward(input, /, sample_shape=(), generator=None, input_contains_samples=False,
+    parameter_samples=None)`` -> ``(*sample_shape, *batch, out_channels, *spatial_out)``
+    with input ``(*batch, in_channels, *spatial)``; ``sample_shape=None`` is the mean
+    forward. Only ``padding_mode="zeros"``. ``load_state_dict`` also takes a
+    ``torch.nn.Conv{n}d`` state dict (its ``weight`` and ``bias`` become the means).
+    """
+
+
+class Conv1d(_ConvNd):
+    _spatial = 1
+    __doc__ = _CONV_DOC.format(n=1)
+
+
+class Conv2d(_ConvNd):
+    _spatial = 2
+    __doc__ = _CONV_DOC.format(n=2)
+
+
+class Conv3d(_ConvNd):
+    _spatial = 3
+    __doc__ = _CONV_DOC.format(n=3)
+
+
 class Sequential(nn.Sequential, _Sampled):
     """``nn.Sequential`` that passes ``sample_shape`` and ``generator`` to structcov layers.
 
@@ -799,8 +965,33 @@ def _linear_from(module: nn.Module, cov: CovarianceSpec, **options: Any) -> _Lay
     )
 
 
+def _conv_from(module: nn.Module, cov: CovarianceSpec, **options: Any) -> _Layer:
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    layer_class = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}[type(module)]
+    return layer_class(
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.bias is not None,
+        module.padding_mode,
+        cov=cov,
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+        **options,
+    )
+
+
 #: deterministic module type -> builder of its structcov layer (same shapes, no values)
-_CONVERTERS: dict[type, Callable[..., _Layer]] = {nn.Linear: _linear_from}
+_CONVERTERS: dict[type, Callable[..., _Layer]] = {
+    nn.Linear: _linear_from,
+    nn.Conv1d: _conv_from,
+    nn.Conv2d: _conv_from,
+    nn.Conv3d: _conv_from,
+}
 
 
 def bayesian(
