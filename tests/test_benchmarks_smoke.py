@@ -154,3 +154,18 @@ def test_layer_speed_smoke_run_reports_every_covariance() -> None:
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[2]) > 0 and float(cells[4]) > 0, row  # structcov and floor timed
+
+
+def test_train_step_smoke_run_reports_every_structure() -> None:
+    """``benchmarks/train_step.py --smoke``: a structcov, seed and native step per structure."""
+    if _session_backend() != "torch":
+        pytest.skip("benchmarks/train_step.py measures CPU torch training steps (torch session)")
+    script = ROOT / "benchmarks" / "train_step.py"
+    command = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"train_step failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| diagonal", "| kron"))]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[3]) > 0, row  # structcov and native timed
