@@ -541,3 +541,33 @@ def test_bayesian_converts_convolutions():
     x = torch.randn(3, 1, 6, 6, generator=gen(1))
     torch.testing.assert_close(model(x, None), plain(x))
     assert model(x, (2,), gen(0)).shape == (2, 3, 2, 4, 4)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_covariance_is_invariant_in_the_data_nullspace_under_training(structure):
+    """Inputs without their last two features: a likelihood-only run (Adam) moves no
+    covariance entry that acts on those features (their gradient is exactly zero)."""
+    lin = layer(structure, in_features=5, out_features=3)
+    x = torch.randn(64, 5, dtype=torch.float64, generator=gen(1))
+    x[:, 3:] = 0.0  # the data's span misses features 3 and 4
+    y = x @ torch.randn(5, 3, dtype=torch.float64, generator=gen(2))
+    acting = {  # storage path -> the index of the entries acting on features 3, 4
+        "scale.weight": (slice(None), slice(3, None)),
+        "factor.weight": (slice(None), slice(3, None)),
+        "input_factor.weight": (slice(3, None),),
+    }
+    before = {path: t.detach().clone() for path, t in lin.params.cov.storage().items()}
+    optimizer = torch.optim.Adam(lin.parameters(), lr=0.05)
+    noise = gen(3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = ((lin(x, (4,), noise) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    after = lin.params.cov.storage()
+    checked = [path for path in before if path in acting]
+    assert checked, "no storage array acts on input features"
+    for path in checked:
+        index = acting[path]
+        torch.testing.assert_close(after[path][index], before[path][index], rtol=0, atol=0)
+        assert not torch.equal(after[path], before[path]), f"{path} did not train at all"
