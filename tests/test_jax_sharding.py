@@ -91,7 +91,7 @@ ALLOWED_GATHERS = {("kronecker-full", op): {(_D_OUT, _D_OUT)} for op in ("logdet
 # (contractions over P with out_sharding, LUs of a whole matrix) and noise drawn split
 # like the means in structcov._random; the one known gap left:
 KRONECKER_SOLVE = (
-    "Kronecker solve: the LU solves with S_out need the split d_out axis whole, so X is "
+    "Kronecker solve: the products with C_out^-1 contract the split d_out axis, so X is "
     "replicated (Auto: all-reduce f64[128,256,1]; Explicit with the LU fix: all-gather "
     "f64[256,128]) and the output comes back unsplit"
 )

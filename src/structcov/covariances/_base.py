@@ -133,7 +133,8 @@ class CovarianceMethods:
 
         Raises ``ValueError`` for a singular structure (no inverse exists). The
         identity used is on each class (square factor solves, Woodbury,
-        Kronecker factor solves). Never forms or factorises S S^T.
+        Kronecker factor inverses). Never forms the P x P Sigma, never factorises
+        S S^T (Kronecker forms its small factor Grams only to multiply with them).
         """
         return F.solve(self.structure, self._ops_storage(), x)
 

@@ -15,6 +15,7 @@ from ._structure import (
     Slot,
     Storage,
     Structure,
+    add_into,
     check_rank,
     eye,
     logdet_of,
@@ -255,8 +256,94 @@ class Kronecker(Structure):
             v = v * self.sample_scale
         return xp.reshape(v, (v.shape[0], self.num_factor_columns))
 
+    def _matmul_costs(self, batch: int) -> tuple[int, int]:
+        """Multiply-adds of Sigma x for ``batch`` vectors: (roots S (S^T x), Grams C).
+
+        Roots: `rblocks` then `blocks` (its cheaper association). Grams: C_out = S_out
+        S_out^T and C_in = S_in S_in^T formed once per call, then C_out X~ C_in.
+        Static shapes only (jit-safe); the Grams win unless the ranks are small.
+        """
+        r_in, r_out, d_out, d_aug = self.input_rank, self.output_rank, self.d_out, self.d_aug
+        roots = batch * (
+            d_out * d_aug * r_in
+            + r_out * d_out * r_in
+            + min(
+                d_out * r_out * r_in + d_out * r_in * d_aug,
+                r_out * r_in * d_aug + d_out * r_out * d_aug,
+            )
+        )
+        grams = (
+            d_out * d_out * r_out + d_aug * d_aug * r_in + batch * d_out * d_aug * (d_out + d_aug)
+        )
+        return roots, grams
+
     def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
-        return self.blocks(xp, storage, self.rblocks(xp, storage, x))
+        roots, grams = self._matmul_costs(x[0].shape[0])
+        if roots <= grams:
+            return self.blocks(xp, storage, self.rblocks(xp, storage, x))
+        # Sigma vec_r(X~) = vec_r(C_out X~ C_in) (mixed-product rule), C = S S^T per factor.
+        # Forming C rounds like the products S (S^T x) do (eps |S| |S|^T), so the result
+        # is as accurate as the root path; nothing is solved with C.
+        product = self._kronecker_product(xp, *self._grams(xp, storage), self._rows_first(xp, x))
+        return self._columns_to_blocks(xp, product)
+
+    def _grams(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
+        """sample_scale^2 C_out = sample_scale^2 S_out S_out^T (d_out x d_out) and
+        C_in = S_in S_in^T (d_aug x d_aug): two GEMMs, O(d_out^2 r_out + d_aug^2 r_in)."""
+        s_out = storage["output_factor"]
+        c_out = xp.matmul(s_out, xp.matrix_transpose(s_out))
+        if self.sample_scale != 1.0:
+            c_out = c_out * (self.sample_scale**2)
+        s_in = self.square_input_factor(xp, storage)
+        return c_out, xp.matmul(s_in, xp.matrix_transpose(s_in))
+
+    def _augment(self, xp: Any, x: list[Array]) -> Array:
+        """Per-name blocks -> X~ = [X_W | x_b] of shape (B, d_out, d_aug): one copy with a bias."""
+        weight, bias = self._split_augmented(xp, x)
+        if bias is None:
+            return weight
+        return xp.concat([weight, xp.expand_dims(bias, axis=-1)], axis=2)
+
+    def _rows_first(self, xp: Any, x: list[Array]) -> Array:
+        """Per-name blocks -> X~ with d_out leading, as a (d_out, B d_aug) matrix (one copy)."""
+        weight, bias = self._split_augmented(xp, x)
+        rows = xp.permute_dims(weight, (1, 0, 2))  # (d_out, B, d_in)
+        if bias is not None:
+            rows = xp.concat([rows, xp.expand_dims(xp.matrix_transpose(bias), axis=-1)], axis=2)
+        return xp.reshape(rows, (self.d_out, weight.shape[0] * self.d_aug))
+
+    def _columns_to_rows(self, xp: Any, y: Array) -> Array:
+        """(d_aug, d_out B) from `_kronecker_product` -> (d_out, B d_aug), one transposing copy."""
+        d_out, d_aug = self.d_out, self.d_aug
+        batch = y.shape[1] // d_out
+        y = xp.permute_dims(xp.reshape(y, (d_aug, d_out, batch)), (1, 2, 0))
+        return xp.reshape(y, (d_out, batch * d_aug))
+
+    def _columns_to_blocks(self, xp: Any, y: Array) -> list[Array]:
+        """(d_aug, d_out B) from `_kronecker_product` -> per-name blocks (weight row-major,
+        then the bias column): one copy of the weight block."""
+        d_out, d_in = self.d_out, self.d_in
+        batch = y.shape[1] // d_out
+        y = xp.permute_dims(
+            xp.reshape(y, (self.d_aug, d_out, batch)), (2, 1, 0)
+        )  # (B, d_out, d_aug)
+        blocks = {
+            "weight": xp.reshape(y[:, :, :d_in] if self.has_bias else y, (batch, d_out * d_in)),
+            "bias": y[:, :, d_in] if self.has_bias else None,
+        }
+        return [blocks[name] for name in self.layout.names]
+
+    def _kronecker_product(self, xp: Any, left: Array, right: Array, rows: Array) -> Array:
+        """(left ⊗ right) vec_r(X~) = vec_r(left X~ right^T) for ``left`` (d_out, d_out),
+        ``right`` (d_aug, d_aug) and X~ given with d_out leading (``rows``, (d_out, B d_aug),
+        `_rows_first`); returns it with d_aug leading, (d_aug, d_out B).
+
+        Two GEMMs of O(B P (d_out + d_aug)), each a small square matrix times a wide one
+        (the batch folded into the columns): the fast shape for BLAS.
+        """
+        t = _linalg.matmul(xp, left, rows)  # left X~, (d_out, B d_aug)
+        t = xp.reshape(t, (t.shape[1] // self.d_aug * self.d_out, self.d_aug))  # (d_out B, d_aug)
+        return xp.matmul(right, xp.matrix_transpose(t))  # (left X~ right^T)^T, (d_aug, d_out B)
 
     def _diagonal_factors(self, xp: Any, storage: Storage) -> tuple[Array, Array, Array | None]:
         """diag(C_out) * sample_scale^2, diag(C_in) weight rows, and the bias row's entry."""
@@ -294,32 +381,51 @@ class Kronecker(Structure):
         return 2.0 * (self.d_aug * log_out + self.d_out * log_in) + scale_term
 
     def solve_blocks(self, xp: Any, storage: Storage, state: Array, x: list[Array]) -> list[Array]:
-        # (C_out ⊗ C_in)^-1 vec_r(X~) = vec_r(C_out^-1 X~ C_in^-1), C^-1 = S^-T S^-1.
-        weight, bias = self._split_augmented(xp, x)
-        batch, d_out, d_in = weight.shape[0], self.d_out, self.d_in
-        x_aug = (
-            weight if bias is None else xp.concat([weight, xp.expand_dims(bias, axis=-1)], axis=2)
+        """Sigma^-1 x per name: vec_r(C_out^-1 X~ C_in^-1) / sample_scale^2 (full ranks).
+
+        C^-1 = S^-T S^-1 per factor, from the inverse of the square root S
+        (`inverse_factors`: one LU each, solved against the identity) and one d x d GEMM;
+        then GEMMs with X~ (`_kronecker_product`), and one step of iterative refinement
+        y += Sigma^-1 (x - Sigma y), its Sigma y with the Grams C = S S^T (which only
+        multiply). Cost O(d_out^3 + d_aug^3 + B P (d_out + d_aug)): six GEMMs of
+        B P (d_out or d_aug) multiply-adds where LU solves of the B P right-hand sides
+        would run eight triangular solves of that size, and on CPU a GEMM runs several
+        times faster than a triangular solve (benchmarks/kronecker_peers.py).
+
+        Accuracy, the trade-off: S is inverted, never C = S S^T (a Cholesky of S S^T
+        fails in float32 once cond(S)^2 ~ 1/eps; NaN under JAX). Without refinement a
+        product with a computed inverse is not backward stable: for x in the span of
+        Sigma's large eigenvalues its residual reaches eps cond(S)^2 |Sigma| |x^| (2e4
+        eps measured at cond(Sigma) = 1e6 in float32). The refinement step brings the
+        residual |Sigma x^ - b| back to a few eps P |Sigma| |x^| (backward stable, as
+        tests/test_conditioning.py asserts), so the forward error is within the usual
+        eps cond(Sigma) of any backward-stable solve. It is near eps cond(S) for a
+        typical right-hand side, as with the former LU solves with S, but the LU
+        solves did better than eps cond(Sigma) on the span of the large eigenvalues
+        (float32, cond(Sigma) = 1e6: relative error 1e-2 here, 5e-6 to 6e-3 there,
+        the same order as a Cholesky solve of S S^T).
+        """
+        inverse = self.inverse_factors(xp, storage, state)
+        g_out = xp.matmul(xp.matrix_transpose(inverse.output), inverse.output)  # C_out^-1
+        g_in = xp.matmul(xp.matrix_transpose(inverse.input), inverse.input)  # C_in^-1
+        if self.sample_scale != 1.0:
+            g_out = g_out / (self.sample_scale**2)
+        rows = self._rows_first(xp, x)
+        y = self._kronecker_product(xp, g_out, g_in, rows)  # (d_aug, d_out B)
+        # One step of iterative refinement: y += Sigma^-1 (x - Sigma y).
+        product = self._kronecker_product(
+            xp, *self._grams(xp, storage), self._columns_to_rows(xp, y)
         )
-        d_aug = x_aug.shape[2]
+        residual = rows - self._columns_to_rows(xp, product)
+        del rows, product
+        y = add_into(y, self._kronecker_product(xp, g_out, g_in, residual))
+        return self._columns_to_blocks(xp, y)
 
-        def inverse_gram(factor: Array, rhs: Array) -> Array:
-            inner = _linalg.solve(xp, factor, rhs)
-            return _linalg.solve(xp, xp.matrix_transpose(factor), inner)
-
-        # The batch goes into the right-hand side's columns: one LU per factor, not one per vector.
-        left = xp.reshape(xp.permute_dims(x_aug, (1, 0, 2)), (d_out, batch * d_aug))
-        left = xp.reshape(inverse_gram(storage["output_factor"], left), (d_out, batch, d_aug))
-        right = xp.reshape(xp.permute_dims(left, (2, 1, 0)), (d_aug, batch * d_out))
-        right = inverse_gram(state, right)
-        y = xp.permute_dims(
-            xp.reshape(right, (d_aug, batch, d_out)), (1, 2, 0)
-        )  # (B, d_out, d_aug)
-        y = y / (self.sample_scale**2)
-        blocks = {
-            "weight": xp.reshape(y[:, :, :d_in], (batch, d_out * d_in)),
-            "bias": y[:, :, d_in] if bias is not None else None,
-        }
-        return [blocks[name] for name in self.layout.names]
+    def quadratic(self, xp: Any, storage: Storage, state: Array, x: list[Array]) -> Array:
+        """x^T Sigma^-1 x per row, shape (B,): |S^-1 x|^2 (`whitened_quadratic`), a sum of
+        squares, never sum(x * solve(x)) (which cancels in float32). O(d_out^3 + d_aug^3
+        + B P (d_out + d_aug)); ``state`` from `prepare`."""
+        return self.whitened_quadratic(xp, self.inverse_factors(xp, storage, state), x)
 
     # ------------------------------------------------------------ inverse, for KL pairs
     def inverse_factors(self, xp: Any, storage: Storage, state: Array) -> KroneckerInverse:
@@ -369,10 +475,7 @@ class Kronecker(Structure):
         `inverse_factors`: two batched GEMMs, O(B P (d_out + d_aug)), non-negative terms
         only; memory three (B, P) arrays (X~, then one product at a time).
         """
-        weight, bias = self._split_augmented(xp, x)
-        x_aug = (
-            weight if bias is None else xp.concat([weight, xp.expand_dims(bias, axis=-1)], axis=2)
-        )
+        x_aug = self._augment(xp, x)
         left = _linalg.matmul(xp, inverse.output, x_aug)  # S_out^-1 X~, (B, d_out, d_aug)
         del x_aug  # one (B, P) array fewer alive during the second product
         right = _linalg.matmul(xp, left, xp.matrix_transpose(inverse.input))  # ... S_in^-T
@@ -554,14 +657,19 @@ class KroneckerCovariance(FactorizedCovariance):
     -----
     Costs (B vectors): ``factor_matmul`` two batched GEMMs,
     O(B (d_out r_out r_in + d_out r_in d_in)) in the cheaper association order;
-    ``matmul`` = S (S^T x), the same order of cost. No Kronecker product is ever
-    formed. ``diagonal`` = diag(C_out) ⊗ diag(C_in) and
+    ``matmul`` = S (S^T x), the same order of cost, or, where the static shapes say
+    it is cheaper (high ranks, several vectors), vec(C_out X~ C_in) with the small
+    C = S S^T formed once per call: O(d_out^2 r_out + d_aug^2 r_in + B P (d_out + d_aug)).
+    No Kronecker product is ever formed. ``diagonal`` = diag(C_out) ⊗ diag(C_in) and
     ``trace`` = tr(C_out) tr(C_in) (mixed-product rule), O(d_out r_out + d_in r_in).
     With square full-rank factors (input_rank = d_in + has_bias, output_rank = d_out):
     ``logdet = 2 (d_aug log|det S_out| + d_out log|det S_in|) + P log sample_scale^2``
-    (d_aug = d_in + has_bias) and ``solve`` = vec(C_out^-1 X~ C_in^-1), four LU
-    solves with the factors, O(d_out^3 + d_aug^3 + B P (d_out + d_aug)).
-    Lower ranks are singular: ``logdet`` is ``-inf`` and ``solve`` raises.
+    (d_aug = d_in + has_bias); ``solve`` = vec(C_out^-1 X~ C_in^-1) with
+    C^-1 = S^-T S^-1 from one LU of each square factor (S, never S S^T, is factorised),
+    then GEMMs and one step of iterative refinement,
+    O(d_out^3 + d_aug^3 + B P (d_out + d_aug)); ``log_prob``'s quadratic form is
+    |S^-1 x|^2, a sum of squares. Lower ranks are singular: ``logdet`` is ``-inf``
+    and ``solve`` raises.
 
     ``reset_parameters`` draws the input factors with std ``scale / sqrt(input_rank)``
     and the output factor with std ``1 / sqrt(output_rank)``; ``lr_scaling`` is
