@@ -5,6 +5,7 @@ PyTorch and JAX. Importing this package imports no array backend.
 """
 
 from . import functional, parametrizations
+from .convolution import conv
 from .covariances import (
     DiagonalCovariance,
     FactorizedCovariance,
@@ -13,7 +14,6 @@ from .covariances import (
     LowRankPlusDiagonalCovariance,
 )
 from .gaussian import BNNParameter, GaussianParameter, kl_divergence, normal_prior
-from .convolution import conv
 from .layers import linear
 from .projection import from_dense
 

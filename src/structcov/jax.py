@@ -43,17 +43,33 @@ libraries are imported only then.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any
+import numbers
+import operator
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
+import jax.numpy as jnp
 
 from . import _linalg
 from .covariances import FactorizedCovariance
 from .covariances._base import StructuredCovariance
-from .gaussian import GaussianParameter, kl_divergence, normal_prior
+from .functional import sample_shape_of
+from .gaussian import GaussianParameter, normal_prior
+from .gaussian import kl_divergence as _core_kl
+from .layers import linear as _linear
+from .parametrizations import LayerType, Parametrization, Standard, check_layer_type, fans
 
-__all__ = ["equinox_module", "lr_scaling_tree", "nnx_module", "register"]
+__all__ = [
+    "DeterministicParameter",
+    "equinox_module",
+    "kl_divergence",
+    "lr_scaling_tree",
+    "nnx_module",
+    "predictive",
+    "register",
+]
 
 _REGISTERED: set[type] = set()
 
@@ -162,38 +178,376 @@ _register_existing(FactorizedCovariance)
 _register_existing(GaussianParameter)
 
 
+# ------------------------------------------------------- deterministic parameter
+class DeterministicParameter:
+    """The means of a deterministic layer (``cov=None``): ``mean[name]``, ``cov`` is None.
+
+    Laid out like a `GaussianParameter` (``mean`` insertion-ordered, ``None``
+    entries kept, ``params["weight"]``) so a layer has the same mean leaves with or
+    without a covariance. A pytree whose leaves are the participating means, keyed
+    ``DictKey(name)``; it takes no part in `kl_divergence` and its means get the
+    parametrization's learning-rate factors in `lr_scaling_tree`.
+    """
+
+    cov: None = None
+
+    def __init__(self, mean: Mapping[str, Any]) -> None:
+        self.mean: dict[str, Any] = dict(mean)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The participating (non-``None``) mean names, in insertion order."""
+        return tuple(name for name, value in self.mean.items() if value is not None)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.mean[name]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}: {tuple(self.mean[n].shape)}" for n in self.names)
+        return f"DeterministicParameter({{{shapes}}})"
+
+
+def _deterministic_aux(param: DeterministicParameter) -> tuple[tuple[str, bool], ...]:
+    return tuple((name, value is not None) for name, value in param.mean.items())
+
+
+def _deterministic_unflatten(
+    aux: tuple[tuple[str, bool], ...], children: Iterable[Any]
+) -> DeterministicParameter:
+    present = iter(children)
+    rebuilt = DeterministicParameter.__new__(DeterministicParameter)
+    rebuilt.mean = {name: next(present) if participates else None for name, participates in aux}
+    return rebuilt
+
+
+jax.tree_util.register_pytree_with_keys(
+    DeterministicParameter,
+    lambda p: ([(_DictKey(n), p.mean[n]) for n in p.names], _deterministic_aux(p)),
+    _deterministic_unflatten,
+    lambda p: ([p.mean[n] for n in p.names], _deterministic_aux(p)),
+)
+
+
+# ------------------------------------------------------------------- layer glue
+class _Sampled:
+    """A layer whose call takes ``(x, sample_shape, key, *, input_contains_samples)``
+    (the Equinox and NNX layers and sequentials; see `_sequential_forward`)."""
+
+    if TYPE_CHECKING:
+
+        def __call__(
+            self,
+            x: Any,
+            sample_shape: Any = (),
+            key: Any = None,
+            *,
+            input_contains_samples: bool = False,
+        ) -> Any: ...
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a forward draws parameters (a deterministic layer only replicates)."""
+        raise NotImplementedError
+
+
+class _LayerMethods(_Sampled):
+    """What the Equinox and NNX layers share: parametrization scales and the forward.
+
+    No annotations in the class body: Equinox would read them as dataclass fields.
+    """
+
+    if TYPE_CHECKING:
+        params: Any
+        in_features: int
+        out_features: int
+        layer_type: LayerType
+        parametrization: Parametrization
+        local_reparameterization: bool
+
+        def _core_params(self) -> GaussianParameter | DeterministicParameter: ...
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the layer has a covariance (else it is an ordinary linear layer)."""
+        return self._core_params().cov is not None
+
+    @property
+    def weight(self) -> Any:
+        """The weight mean (an array)."""
+        return self._core_params().mean["weight"]
+
+    @property
+    def bias(self) -> Any:
+        """The bias mean (an array), ``None`` without bias."""
+        return self._core_params().mean["bias"]
+
+    def _fans(self) -> tuple[int, int]:
+        return fans((self.out_features, self.in_features))
+
+    def init_scales(self) -> dict[str, float]:
+        """The parametrization's initial stds ``{"weight": ..., "bias": ...}`` for this layer."""
+        return self.parametrization.init_scales(*self._fans(), self.layer_type)
+
+    def lr_scales(self, optimizer: str = "adam") -> dict[str, float]:
+        """The parametrization's learning-rate factors ``{"weight": ..., "bias": ...}``."""
+        return self.parametrization.lr_scales(*self._fans(), optimizer, self.layer_type)
+
+    def _forward(
+        self,
+        x: Any,
+        sample_shape: Any,
+        key: Any,
+        input_contains_samples: bool,
+        parameter_samples: Mapping[str, Any] | None,
+    ) -> Any:
+        params = self._core_params()
+        if isinstance(params, GaussianParameter):
+            return _linear(
+                x,
+                params,
+                sample_shape,
+                key,
+                input_contains_samples=input_contains_samples,
+                parameter_samples=parameter_samples,
+                local_reparameterization=self.local_reparameterization,
+            )
+        out = jnp.matmul(x, jnp.matrix_transpose(params.mean["weight"]))
+        if params.mean["bias"] is not None:
+            out = out + params.mean["bias"]
+        return _deterministic_forward(
+            out, x, sample_shape, input_contains_samples, parameter_samples
+        )
+
+
+def _check_layer_arguments(
+    in_features: Any,
+    out_features: Any,
+    layer_type: Any,
+    cov: Any,
+    parametrization: Any,
+    local_reparameterization: bool,
+) -> LayerType:
+    for argument, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+    if not isinstance(parametrization, Parametrization):
+        raise TypeError(
+            "`parametrization` must be a structcov.parametrizations.Parametrization "
+            f"(Standard(), NeuralTangent(), MaximalUpdate()), got {type(parametrization).__name__}"
+        )
+    if cov is None and local_reparameterization:
+        raise ValueError("`local_reparameterization=True` needs a covariance, got cov=None")
+    return check_layer_type(layer_type)
+
+
+def _core_covariance(cov: Any) -> StructuredCovariance:
+    core = cov if isinstance(cov, StructuredCovariance) else cov()
+    if not isinstance(core, StructuredCovariance):
+        raise TypeError(
+            "`cov` must be None, a structcov covariance (e.g. structcov.KroneckerCovariance()) "
+            f"or a zero-argument callable returning one, got {type(core).__name__}"
+        )
+    return core
+
+
+def _initial_params(
+    weight_shape: tuple[int, ...],
+    bias: bool,
+    cov: Any,
+    scales: Mapping[str, float],
+    key: Any,
+    dtype: Any,
+) -> GaussianParameter | DeterministicParameter:
+    """Means N(0, scale^2) by name, the covariance reset at the same per-name scales.
+
+    ``key`` is split into three: ``weight_key, bias_key, cov_key =
+    jax.random.split(key, 3)`` (the bias key is unused without a bias).
+    """
+    if key is None:
+        raise TypeError("`key` must be a JAX PRNG key (e.g. jax.random.key(0)), got None")
+    weight_key, bias_key, cov_key = jax.random.split(key, 3)
+    dtype = jnp.zeros((), dtype=dtype).dtype
+    mean: dict[str, Any] = {
+        "weight": scales["weight"] * jax.random.normal(weight_key, weight_shape, dtype),
+        "bias": scales["bias"] * jax.random.normal(bias_key, weight_shape[:1], dtype)
+        if bias
+        else None,
+    }
+    if cov is None:
+        return DeterministicParameter(mean)
+    param = GaussianParameter(mean, _core_covariance(cov))
+    param.cov.reset_parameters({name: scales[name] for name in param.names}, generator=cov_key)
+    return param
+
+
+def _deterministic_forward(
+    out: Any,
+    x: Any,
+    sample_shape: Any,
+    input_contains_samples: bool,
+    parameter_samples: Any,
+) -> Any:
+    if parameter_samples is not None:
+        raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
+    if sample_shape is None:
+        if input_contains_samples:
+            raise ValueError(
+                "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
+            )
+        return out
+    shape = sample_shape_of(sample_shape)
+    if input_contains_samples:
+        if tuple(x.shape[: len(shape)]) != shape:
+            raise ValueError(
+                f"`x` must start with the sample_shape {shape} "
+                f"(input_contains_samples=True), got shape {tuple(x.shape)}"
+            )
+        return out
+    return jnp.broadcast_to(out, (*shape, *out.shape))
+
+
+def _sequential_forward(
+    layers: Sequence[Any],
+    x: Any,
+    sample_shape: Any,
+    key: Any,
+    input_contains_samples: bool,
+) -> Any:
+    """The forward of `EquinoxSequential` / `NNXSequential` (torch `Sequential` semantics).
+
+    ``key`` is split once per layer position, ``jax.random.split(key, len(layers))``,
+    as ``equinox.nn.Sequential`` does: layer ``i`` draws with ``keys[i]`` whether or
+    not the other layers are stochastic (a nested sequential splits its key again).
+    """
+    shape = None if sample_shape is None else sample_shape_of(sample_shape)
+    if shape is None and input_contains_samples:
+        raise ValueError("`input_contains_samples` needs a `sample_shape`, got sample_shape=None")
+    keys: list[Any] = (
+        [None] * len(layers) if key is None else list(jax.random.split(key, len(layers)))
+    )
+    contains = input_contains_samples
+    out = x
+    for layer, layer_key in zip(layers, keys, strict=True):
+        if not isinstance(layer, _Sampled):
+            out = layer(out)
+        elif contains or layer.stochastic:
+            out = layer(out, shape, layer_key, input_contains_samples=contains)
+            contains = shape is not None
+        else:
+            out = layer(out, None)
+    if shape is not None and not contains:
+        out = jnp.broadcast_to(out, (*shape, *out.shape))
+    return out
+
+
 # -------------------------------------------------------- learning-rate scaling
 def _is_structcov(node: Any) -> bool:
     return isinstance(node, (FactorizedCovariance, GaussianParameter))
 
 
+def _scaled_gaussian(
+    node: GaussianParameter, means: Mapping[str, float], weight_factor: float
+) -> GaussianParameter:
+    """``node``'s treedef with floats: ``means[name]`` per mean, the covariance's
+    ``weight_factor * lr_scaling[path]``."""
+    cov = node.cov
+    mean = {
+        name: means[name] if participates else None for name, participates in _gaussian_aux(node)
+    }
+    scaled = {path: weight_factor * factor for path, factor in cov.lr_scaling.items()}
+    return type(node)._rebuild(mean, type(cov)._from_parts(cov._config(), cov.structure, scaled))
+
+
 def _scales_of(node: Any, default: float) -> Any:
     if isinstance(node, GaussianParameter):
-        means = {name: 1.0 if participates else None for name, participates in _gaussian_aux(node)}
-        return type(node)._rebuild(means, _scales_of(node.cov, default))
+        return _scaled_gaussian(node, {name: 1.0 for name in node.mean}, 1.0)
     if isinstance(node, StructuredCovariance):
         return type(node)._from_parts(node._config(), node.structure, node.lr_scaling)
     return default
 
 
-def lr_scaling_tree(tree: Any, default: float = 1.0) -> Any:
-    """The learning-rate scaling of every leaf of ``tree``, as a pytree of the same structure.
+def _layer_scales(layer: _LayerMethods, default: float, optimizer: str) -> Any:
+    factors = layer.lr_scales(optimizer)
+
+    def scales(node: Any) -> Any:
+        if isinstance(node, GaussianParameter):
+            return _scaled_gaussian(node, factors, factors["weight"])
+        if isinstance(node, DeterministicParameter):
+            return _deterministic_unflatten(
+                _deterministic_aux(node), [factors[name] for name in node.names]
+            )
+        return default
+
+    is_leaf: Callable[[Any], bool] = lambda n: isinstance(  # noqa: E731
+        n, (GaussianParameter, DeterministicParameter)
+    )
+    return jax.tree_util.tree_map(scales, layer, is_leaf=is_leaf)
+
+
+def _nnx_module_type() -> type[Any] | None:
+    """``flax.nnx.Module`` if flax is imported already, else ``None`` (no NNX model exists)."""
+    nnx = sys.modules.get("flax.nnx")
+    return None if nnx is None else cast(type[Any], nnx.Module)
+
+
+def _nnx_lr_scaling(model: Any, default: float, optimizer: str) -> Any:
+    from flax import nnx  # type: ignore[import-not-found,unused-ignore]
+
+    # graph path of every Variable inside a structcov layer -> its factor
+    factors: dict[tuple[Any, ...], float] = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _LayerMethods):
+            f = node.lr_scales(optimizer)
+            params = node.params
+            for name in node._core_params().names:
+                entry = (*path, "params", "mean", name)
+                factors[entry] = f[name]
+            if params.cov is not None:
+                for cov_path, variable in params.cov.items():
+                    scaling = variable.get_metadata().get("lr_scaling", 1.0)
+                    entry = (*path, "params", "cov", cov_path)
+                    factors[entry] = f["weight"] * scaling
+
+    def scale(path: tuple[Any, ...], variable: Any) -> Any:
+        found = factors.get(tuple(path))
+        if found is not None:
+            return found
+        return variable.get_metadata().get("lr_scaling", default)
+
+    return nnx.map_state(scale, nnx.state(model, nnx.Param))
+
+
+def lr_scaling_tree(tree: Any, default: float = 1.0, optimizer: str = "adam") -> Any:
+    """The learning-rate factor of every leaf of ``tree``, as a pytree of the same structure.
+
+    The same rule as ``structcov.torch.param_groups``: in a structcov layer
+    (`EquinoxLinear`, `NNXLinear`, ...) with factors ``f = layer.lr_scales(optimizer)``
+    (its parametrization's), the mean ``name`` gets ``f[name]`` and each covariance
+    array ``f["weight"] * cov.lr_scaling[path]``; a `GaussianParameter` outside a
+    layer gets 1.0 per mean and ``cov.lr_scaling[path]`` per covariance array;
+    every other leaf ``default``. With `Standard` layers (the default) only the
+    covariances' ``lr_scaling`` acts.
 
     Parameters
     ----------
     tree
-        A `GaussianParameter`, a covariance, or any pytree containing them
-        (a dict of layers, an Equinox model filtered with ``eqx.filter(model,
-        eqx.is_array)``).
+        A `GaussianParameter`, a covariance, or any pytree containing them or
+        Equinox layers (a dict of parameters, an Equinox model, also filtered with
+        ``eqx.filter(model, eqx.is_array)``); or a Flax ``nnx.Module``.
     default
-        The scaling of leaves that do not belong to a structcov object.
+        The factor of leaves that do not belong to a structcov object.
+    optimizer
+        ``"adam"`` (also ``"adamw"``, ``"rmsprop"``: optimizers invariant to the
+        gradient's scale) or ``"sgd"``: which of the parametrization's
+        learning-rate rules applies (`structcov.parametrizations`).
 
     Returns
     -------
     pytree
-        Same treedef as ``tree`` with Python floats as leaves: 1.0 for each mean,
-        ``cov.lr_scaling[path]`` for each covariance array (e.g. ``1 / rank`` for
-        ``"factor.weight"``), ``default`` elsewhere.
+        Same treedef as ``tree`` with Python floats as leaves. For an
+        ``nnx.Module``: an ``nnx.State`` of floats shaped like
+        ``nnx.state(model, nnx.Param)`` (Variables outside structcov layers get
+        their ``lr_scaling`` metadata, else ``default``).
 
     Examples
     --------
@@ -208,7 +562,7 @@ def lr_scaling_tree(tree: Any, default: float = 1.0) -> Any:
     )
     ```
 
-    Or as labels of ``optax.multi_transform``, one optimizer per distinct scaling:
+    Or as labels of ``optax.multi_transform``, one optimizer per distinct factor:
 
     ```python
     labels = lr_scaling_tree(param)
@@ -217,9 +571,141 @@ def lr_scaling_tree(tree: Any, default: float = 1.0) -> Any:
     )
     ```
     """
+    nnx_module = _nnx_module_type()
+    if nnx_module is not None and isinstance(tree, nnx_module):
+        return _nnx_lr_scaling(tree, default, optimizer)
+
+    def scales(node: Any) -> Any:
+        if isinstance(node, _LayerMethods):
+            return _layer_scales(node, default, optimizer)
+        return _scales_of(node, default)
+
     return jax.tree_util.tree_map(
-        functools.partial(_scales_of, default=default), tree, is_leaf=_is_structcov
+        scales, tree, is_leaf=lambda n: _is_structcov(n) or isinstance(n, _LayerMethods)
     )
+
+
+# ------------------------------------------------------------ model-level inference
+def _is_scale(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _gaussian_parts(model: Any) -> dict[str, GaussianParameter]:
+    """Path -> every `GaussianParameter` of ``model`` (``""`` for the model itself).
+
+    An ``nnx.Module``: its NNX wrappers found by ``nnx.iter_graph`` (path joined with
+    ``/``); anything else: the pytree's `GaussianParameter` nodes (``keystr`` path).
+    """
+    nnx_module = _nnx_module_type()
+    if isinstance(model, GaussianParameter):
+        return {"": model}
+    if nnx_module is not None and isinstance(model, nnx_module):
+        from flax import nnx
+
+        wrapper = _nnx_class()
+        return {
+            "/".join(map(str, path)): node.param
+            for path, node in nnx.iter_graph(model)
+            if isinstance(node, wrapper)
+        }
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        model, is_leaf=lambda n: isinstance(n, GaussianParameter)
+    )
+    return {
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in flat
+        if isinstance(leaf, GaussianParameter)
+    }
+
+
+def kl_divergence(model: Any, prior: Any) -> Any:
+    """KL(q || p) summed over every `GaussianParameter` of a model, a 0-D array.
+
+    Parameters
+    ----------
+    model
+        A `GaussianParameter`, or any pytree holding them (a dict of parameters, an
+        Equinox model of `EquinoxLinear` layers, a model filtered with
+        ``eqx.filter``), or a Flax ``nnx.Module`` holding `NNXLinear` layers or
+        `nnx_module` wrappers. Deterministic layers (``cov=None``) take no part.
+    prior
+        A float ``sigma``: each parameter's prior is ``normal_prior(q_i, sigma)`` =
+        N(0, sigma^2 I). Or a model of the same layout (the same kind of
+        container), whose `GaussianParameter` s are paired with ``model`` 's by
+        tree path (the same paths on both sides, else ``ValueError``); a single
+        `GaussianParameter` for a single one.
+
+    Returns
+    -------
+    array
+        The sum of the core's exact KL (`structcov.kl_divergence`) over the
+        parameters; ``+inf`` if one covariance is singular. Traceable: use it
+        inside ``jax.jit`` / ``eqx.filter_jit`` / ``nnx.jit`` and ``grad``.
+    """
+    q_parts = _gaussian_parts(model)
+    if not q_parts:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) holds no structcov GaussianParameter "
+            "(a model of deterministic layers has no KL)"
+        )
+    if _is_scale(prior):
+        terms = [_core_kl(q, normal_prior(q, prior)) for q in q_parts.values()]
+    else:
+        p_parts = {} if isinstance(prior, (str, bytes)) else _gaussian_parts(prior)
+        if not p_parts:
+            raise TypeError(
+                "`prior` must be a float prior scale (N(0, prior^2 I)) or a model of the same "
+                f"layout as `model`, got {type(prior).__name__}"
+            )
+        if set(p_parts) != set(q_parts):
+            raise ValueError(
+                "`prior` must hold GaussianParameters at the same paths as `model`: "
+                f"expected {sorted(q_parts)}, got {sorted(p_parts)}"
+            )
+        terms = [_core_kl(q, p_parts[path]) for path, q in q_parts.items()]
+    return functools.reduce(operator.add, terms)
+
+
+def predictive(
+    model: Callable[..., Any],
+    x: Any,
+    sample_shape: Any = (),
+    key: Any = None,
+    *,
+    probabilities: bool = False,
+) -> Any:
+    """The model's outputs over parameter samples, stacked or as averaged probabilities.
+
+    Parameters
+    ----------
+    model
+        Called as ``model(x, sample_shape, key)``, like the layers (`EquinoxLinear`,
+        `EquinoxSequential`, `NNXLinear`, `NNXSequential`).
+    x
+        The input, ``(*batch, in_features)``.
+    sample_shape
+        The sample dimensions (an int or a tuple); ``None``: the means' forward.
+    key
+        A JAX PRNG key (the model splits it per layer).
+    probabilities
+        ``False``: return the stacked outputs. ``True``: the Monte Carlo predictive
+        ``mean_s softmax(y_s)`` (softmax over the last axis, averaged over the sample
+        axes; the softmax of the mean forward for ``sample_shape=None``).
+
+    Returns
+    -------
+    array
+        ``(*sample_shape, *batch, out)``, or ``(*batch, out)`` with
+        ``probabilities=True``.
+    """
+    shape = None if sample_shape is None else sample_shape_of(sample_shape)
+    out = model(x, shape, key)
+    if not probabilities:
+        return out
+    probs = jax.nn.softmax(out, axis=-1)
+    if not shape:
+        return probs
+    return jnp.mean(probs, axis=tuple(range(len(shape))))
 
 
 # ------------------------------------------------------------ module wrappers
@@ -270,7 +756,7 @@ def _equinox_class() -> type[Any]:
 
         def kl_divergence(self, prior: Any = None) -> Any:
             """KL(self || prior), a 0-D array; ``prior=None`` is N(0, I) (`normal_prior`)."""
-            return kl_divergence(self.param, _resolve_prior(self.param, prior))
+            return _core_kl(self.param, _resolve_prior(self.param, prior))
 
     EquinoxGaussian.__module__ = __name__
     EquinoxGaussian.__qualname__ = "EquinoxGaussian"
@@ -347,7 +833,7 @@ def _nnx_class() -> type[Any]:
         def kl_divergence(self, prior: Any = None) -> Any:
             """KL(self || prior), a 0-D array; ``prior=None`` is N(0, I) (`normal_prior`)."""
             param = self.param
-            return kl_divergence(param, _resolve_prior(param, prior))
+            return _core_kl(param, _resolve_prior(param, prior))
 
     NNXGaussian.__module__ = __name__
     NNXGaussian.__qualname__ = "NNXGaussian"
@@ -366,9 +852,324 @@ def nnx_module(param: GaussianParameter) -> Any:
     return _nnx_class()(_check_param(param))
 
 
+# ------------------------------------------------------------------ Equinox layers
+_LINEAR_DOC = """A dense layer ``y = x W^T + b`` with Gaussian (or fixed) parameters ({kind}).
+
+    The counterpart of ``structcov.torch.Linear``: thin glue around
+    `structcov.linear`, which every forward calls with ``params`` (the core
+    `GaussianParameter`), so the structure-aware evaluation and its costs are the core's.
+    {storage}
+
+    Parameters
+    ----------
+    in_features, out_features
+        The sizes of the input and output (at least 1).
+    bias
+        Whether the layer has a bias (else ``params["bias"]`` is ``None``).
+    layer_type
+        ``"input"``, ``"hidden"`` or ``"output"``: where the layer sits, for the
+        parametrization's initial and learning-rate scales.
+    cov
+        ``None``: a deterministic layer (an ordinary linear layer). Else a core
+        covariance, e.g. ``structcov.KroneckerCovariance()``, or a zero-argument
+        callable returning one (``structcov.DiagonalCovariance``), called once for
+        this layer. A covariance object belongs to one parameter.
+    parametrization
+        ``Standard()`` (the default), ``NeuralTangent()`` or ``MaximalUpdate()``
+        (`structcov.parametrizations`): the initial stds of the means and of the
+        covariance, and the learning-rate factors `lr_scaling_tree` applies.
+    local_reparameterization
+        `structcov.DiagonalCovariance` only: draw output noise instead of weights
+        (see `structcov.linear`: it changes the joint distribution across the batch).
+    {key}
+    dtype
+        The parameters' dtype (``None``: JAX's default float).
+
+    Notes
+    -----
+    Initialisation: ``weight_key, bias_key, cov_key = jax.random.split(key, 3)``;
+    the means are ``init_scale * jax.random.normal(...)`` with the
+    parametrization's ``init_scales()``, and the covariance is
+    ``cov.reset_parameters(init_scales, generator=cov_key)``.
+
+    The call ``layer(x, sample_shape=(), key=None, *, input_contains_samples=False,
+    parameter_samples=None)`` returns ``(*sample_shape, *batch, out_features)`` from
+    ``(*batch, in_features)``: one parameter draw per sample index, shared by the batch,
+    from ``key`` (the generator of `structcov.linear`; the same key gives the same draw
+    as ``params.sample(sample_shape, generator=key)``). ``sample_shape=None`` is the mean
+    forward ``(*batch, out_features)``; ``input_contains_samples=True`` takes an input
+    ``(*sample_shape, *batch, in_features)``; ``parameter_samples`` uses given samples.
+    A deterministic layer computes ``x W^T + b`` once; a ``sample_shape`` only
+    broadcasts it over leading axes; it takes no ``parameter_samples``.
+    """
+
+_SEQUENTIAL_DOC = """Layers applied in order, passing ``sample_shape`` and the key ({kind}).
+
+    The counterpart of ``structcov.torch.Sequential``. The call ``model(x,
+    sample_shape=(), key=None, *, input_contains_samples=False)``: the first
+    stochastic layer (a layer with a covariance, or a nested sequential holding one)
+    draws with ``sample_shape`` and returns ``(*sample_shape, *batch, out)``; every
+    later structcov layer gets ``input_contains_samples=True`` and draws its own
+    parameters per sample index. Deterministic structcov layers before the first
+    stochastic one run once; if no layer is stochastic the output is broadcast over
+    ``sample_shape`` at the end. Any other callable (``jax.nn.relu``) is called as
+    ``f(x)`` on the whole array, sample axes included. ``sample_shape=None`` is the
+    mean forward of every layer.
+
+    Keys: ``keys = jax.random.split(key, len(layers))`` and layer ``i`` draws with
+    ``keys[i]`` (as ``equinox.nn.Sequential`` splits), stochastic or not, so making
+    one layer deterministic does not change the others' draws; a nested sequential
+    splits its key again.{extra}
+    """
+
+
+@functools.cache
+def _equinox_layer_classes() -> dict[str, type[Any]]:
+    import equinox as eqx
+
+    class EquinoxLinear(_LayerMethods, eqx.Module):  # type: ignore[misc,unused-ignore]
+        params: Any  # GaussianParameter, or DeterministicParameter for cov=None
+        in_features: int = eqx.field(static=True)
+        out_features: int = eqx.field(static=True)
+        layer_type: LayerType = eqx.field(static=True)
+        parametrization: Parametrization = eqx.field(static=True)
+        local_reparameterization: bool = eqx.field(static=True)
+
+        def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            layer_type: LayerType = "hidden",
+            cov: Any = None,
+            parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+            *,
+            local_reparameterization: bool = False,
+            key: Any,
+            dtype: Any = None,
+        ) -> None:
+            self.layer_type = _check_layer_arguments(
+                in_features, out_features, layer_type, cov, parametrization,
+                local_reparameterization,
+            )  # fmt: skip
+            self.in_features = in_features
+            self.out_features = out_features
+            self.parametrization = parametrization
+            self.local_reparameterization = local_reparameterization
+            scales = parametrization.init_scales(in_features, out_features, self.layer_type)
+            self.params = _initial_params(
+                (out_features, in_features), bias, cov, scales, key, dtype
+            )
+
+        def _core_params(self) -> GaussianParameter | DeterministicParameter:
+            return cast("GaussianParameter | DeterministicParameter", self.params)
+
+        def __call__(
+            self,
+            x: Any,
+            sample_shape: Any = (),
+            key: Any = None,
+            *,
+            input_contains_samples: bool = False,
+            parameter_samples: Mapping[str, Any] | None = None,
+        ) -> Any:
+            return self._forward(x, sample_shape, key, input_contains_samples, parameter_samples)
+
+    class EquinoxSequential(_Sampled, eqx.Module):  # type: ignore[misc,unused-ignore]
+        layers: tuple[Any, ...]
+
+        def __init__(self, *layers: Any) -> None:
+            self.layers = tuple(layers)
+
+        @property
+        def stochastic(self) -> bool:
+            """Whether any layer draws parameters."""
+            return any(isinstance(m, _Sampled) and m.stochastic for m in self.layers)
+
+        def __getitem__(self, index: int) -> Any:
+            return self.layers[index]
+
+        def __len__(self) -> int:
+            return len(self.layers)
+
+        def __call__(
+            self,
+            x: Any,
+            sample_shape: Any = (),
+            key: Any = None,
+            *,
+            input_contains_samples: bool = False,
+        ) -> Any:
+            return _sequential_forward(self.layers, x, sample_shape, key, input_contains_samples)
+
+    EquinoxLinear.__doc__ = _LINEAR_DOC.format(
+        kind="an ``equinox.Module``",
+        storage=(
+            "Its one array field ``params`` is a `GaussianParameter` (pytree leaves\n"
+            "    ``.params['weight']``, ``.params.cov['factor.weight']``, ...) or a\n"
+            "    `DeterministicParameter` for ``cov=None``; sizes, layer type and\n"
+            "    parametrization are static fields."
+        ),
+        key="key\n        A JAX PRNG key for the initial draws (keyword, as in Equinox).",
+    )
+    EquinoxSequential.__doc__ = _SEQUENTIAL_DOC.format(
+        kind="an ``equinox.Module``, ``EquinoxSequential(*layers)``", extra=""
+    )
+    return _finish({"EquinoxLinear": EquinoxLinear, "EquinoxSequential": EquinoxSequential})
+
+
+def _finish(classes: dict[str, type[Any]]) -> dict[str, type[Any]]:
+    for name, cls in classes.items():
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+    return classes
+
+
+# ------------------------------------------------------------------ Flax NNX layers
+def _nnx_key(key: Any, rngs: Any) -> Any:
+    if rngs is None:
+        return key
+    if key is not None:
+        raise TypeError("pass either `key` or `rngs`, not both")
+    return rngs.sample()
+
+
+@functools.cache
+def _nnx_layer_classes() -> dict[str, type[Any]]:
+    from flax import nnx
+
+    wrapper = _nnx_class()
+
+    class NNXDeterministic(nnx.Module):  # type: ignore[misc,unused-ignore]
+        """The means of a deterministic NNX layer: ``mean[name]`` ``nnx.Param`` s, ``cov`` None."""
+
+        def __init__(self, param: DeterministicParameter) -> None:
+            self.mean = nnx.Dict(
+                {name: nnx.Param(param.mean[name], lr_scaling=1.0) for name in param.names}
+            )
+            self.cov = None
+            self._aux = _deterministic_aux(param)
+
+        @property
+        def param(self) -> DeterministicParameter:
+            """The core `DeterministicParameter` over the current values."""
+            return _deterministic_unflatten(
+                self._aux, [self.mean[name][...] for name, present in self._aux if present]
+            )
+
+    class NNXLinear(_LayerMethods, nnx.Module):  # type: ignore[misc,unused-ignore]
+        def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            layer_type: LayerType = "hidden",
+            cov: Any = None,
+            parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+            *,
+            local_reparameterization: bool = False,
+            rngs: Any,
+            dtype: Any = None,
+        ) -> None:
+            self.layer_type = _check_layer_arguments(
+                in_features, out_features, layer_type, cov, parametrization,
+                local_reparameterization,
+            )  # fmt: skip
+            self.in_features = in_features
+            self.out_features = out_features
+            self.parametrization = parametrization
+            self.local_reparameterization = local_reparameterization
+            scales = parametrization.init_scales(in_features, out_features, self.layer_type)
+            core = _initial_params(
+                (out_features, in_features), bias, cov, scales, rngs.params(), dtype
+            )
+            if isinstance(core, GaussianParameter):
+                self.params = wrapper(core)
+            else:
+                self.params = NNXDeterministic(core)
+
+        def _core_params(self) -> GaussianParameter | DeterministicParameter:
+            return cast("GaussianParameter | DeterministicParameter", self.params.param)
+
+        def __call__(
+            self,
+            x: Any,
+            sample_shape: Any = (),
+            key: Any = None,
+            *,
+            rngs: Any = None,
+            input_contains_samples: bool = False,
+            parameter_samples: Mapping[str, Any] | None = None,
+        ) -> Any:
+            return self._forward(
+                x, sample_shape, _nnx_key(key, rngs), input_contains_samples, parameter_samples
+            )
+
+    class NNXSequential(_Sampled, nnx.Module):  # type: ignore[misc,unused-ignore]
+        def __init__(self, *layers: Any) -> None:
+            self.layers = nnx.List(layers)
+
+        @property
+        def stochastic(self) -> bool:
+            """Whether any layer draws parameters."""
+            return any(isinstance(m, _Sampled) and m.stochastic for m in self.layers)
+
+        def __getitem__(self, index: int) -> Any:
+            return self.layers[index]
+
+        def __len__(self) -> int:
+            return len(self.layers)
+
+        def __call__(
+            self,
+            x: Any,
+            sample_shape: Any = (),
+            key: Any = None,
+            *,
+            rngs: Any = None,
+            input_contains_samples: bool = False,
+        ) -> Any:
+            return _sequential_forward(
+                list(self.layers), x, sample_shape, _nnx_key(key, rngs), input_contains_samples
+            )
+
+    NNXLinear.__doc__ = _LINEAR_DOC.format(
+        kind="a Flax ``nnx.Module``",
+        storage=(
+            "``params`` is an `NNXGaussian` (``params.mean[name]`` and\n"
+            "    ``params.cov[path]`` are ``nnx.Param`` s with ``lr_scaling`` metadata) or,\n"
+            "    for ``cov=None``, a module with ``params.mean[name]`` only. The call also\n"
+            "    takes ``rngs=`` (an ``nnx.Rngs``) instead of ``key``: it draws one key\n"
+            "    ``rngs.sample()`` (the ``sample`` stream, else ``default``)."
+        ),
+        key=(
+            "rngs\n        An ``nnx.Rngs``; the initial draws use one key ``rngs.params()``\n"
+            "        (NNX convention)."
+        ),
+    )
+    NNXSequential.__doc__ = _SEQUENTIAL_DOC.format(
+        kind="a Flax ``nnx.Module``, ``NNXSequential(*layers)``",
+        extra=(
+            " With ``rngs=`` instead of ``key``, one key ``rngs.sample()`` is drawn and\n"
+            "    split the same way."
+        ),
+    )
+    return _finish(
+        {
+            "NNXLinear": NNXLinear,
+            "NNXSequential": NNXSequential,
+            "NNXDeterministic": NNXDeterministic,
+        }
+    )
+
+
 _LAZY_CLASSES: dict[str, Callable[[], type[Any]]] = {
     "EquinoxGaussian": _equinox_class,
     "NNXGaussian": _nnx_class,
+    "EquinoxLinear": lambda: _equinox_layer_classes()["EquinoxLinear"],
+    "EquinoxSequential": lambda: _equinox_layer_classes()["EquinoxSequential"],
+    "NNXLinear": lambda: _nnx_layer_classes()["NNXLinear"],
+    "NNXSequential": lambda: _nnx_layer_classes()["NNXSequential"],
 }
 
 
