@@ -38,9 +38,11 @@ class LowRankPlusDiagonal(Structure):
     """Sigma = U U^T + diag(d^2); ``factor.<name>`` holds U's rows, ``scale.<name>`` d
     through ``scale_transform`` (d = softplus(rho) by default; see `Diagonal`).
 
-    S = [U, diag(d)] (K = rank + P, low-rank columns first). ``prepare`` computes the
-    r x r capacitance C = I + U^T D^-1 U once (O(P r^2)); ``logdet`` = log det C +
-    2 sum log|d| (determinant lemma), ``solve`` = Woodbury through C.
+    S = [U, diag(d)] (K = rank + P, low-rank columns first). ``prepare`` factors the
+    r x r capacitance C = I + U^T D^-1 U once (two passes over W = D^-1 U, O(P r^2),
+    accurate where the Gram W^T W is not); ``logdet`` = log det C + 2 sum log|d|
+    (determinant lemma), ``solve`` = Woodbury through that factor. Exact zeros of d are
+    read as in `_scales` (finite values for a regular Sigma, -inf for a singular one).
     """
 
     rank: int
@@ -153,91 +155,171 @@ class LowRankPlusDiagonal(Structure):
 
     # ------------------------------------------------------------ whitened form
     # Sigma = D (I + W W^T) D with D = diag(d), W = D^-1 U (P x r). Everything below
-    # works on U and d directly (W is only formed for the capacitance's Gram): no
-    # d^2 (it underflows in float32 at d = 1e-23), no P x P, no copy of U.
+    # works on U and d directly: no d^2 (it underflows in float32 at d = 1e-23), no
+    # P x P. `prepare` computes, once, everything r x r that the operations share.
 
-    def _d_safe(self, xp: Any, storage: Storage, path: str, size: int) -> Array:
-        """d with exact zeros read as 1, so that nothing divides 0 by 0; the zeros
-        themselves are handled on values by `_degenerate` (jit-safe)."""
-        d = self._d(xp, storage, path, size)
-        return xp.where(d == 0, xp.ones_like(d), d)
+    def _scales(self, xp: Any, storage: Storage) -> tuple[list[Array], Array]:
+        """(d' per name, singular): d with its exact zeros replaced, and a 0-D bool.
+
+        An exact zero d_i (identity transform, or softplus/exp underflowing) is replaced
+        by t_i = sqrt(eps |u_i|^2 / c), c = 1 + sum_{d_j != 0} |u_j|^2 / d_j^2 (the
+        whitened mass of the other rows). This adds t_i^2 to Sigma_ii, which changes
+        log det Sigma by t_i^2 (Sigma^-1)_ii <= eps lambda_max(C_N) / c <= eps for one
+        zero (Schur complement: (Sigma^-1)_ii = 1 / (u_i C_N^-1 u_i^T)), i.e. by less than
+        float rounding, while the row w_i = u_i / t_i (|w_i|^2 = c / eps) stays in the
+        range of the two-pass capacitance. So Sigma with 1..rank zeros (generically
+        regular) gets a finite, accurate log det, solve, density and KL, never 0/0.
+
+        ``singular``: Sigma is singular for certain: more than ``rank`` zeros (the rows
+        of Sigma there span at most ``rank`` dimensions), or a zero d_i with u_i = 0 (a
+        zero row of Sigma, e.g. the never-reset storage); log det is then -inf.
+        """
+        ds, zeros, norms = [], [], []
+        for factor, scale, _, size in self._names:
+            d = self._d(xp, storage, scale, size)
+            ds.append(d)
+            zeros.append(d == 0)
+            norms.append(row_norms(xp, self._u(xp, storage, factor, size)))
+        ones = [xp.ones_like(d) for d in ds]
+        safe = [xp.where(z, o, xp.abs(d)) for d, z, o in zip(ds, zeros, ones, strict=True)]
+        mass = total(
+            xp.sum(xp.where(z, xp.zeros_like(n), (n / a) / a))
+            for n, a, z in zip(norms, safe, zeros, strict=True)
+        )
+        eps = float(xp.finfo(ds[0].dtype).eps)
+        ratio = xp.sqrt(eps / (1.0 + mass))  # 0-D
+        out, dead, counts = [], [], []
+        for d, z, n, o in zip(ds, zeros, norms, ones, strict=True):
+            empty = z & (n == 0)
+            t = xp.where(empty, o, xp.sqrt(n) * ratio)
+            out.append(xp.where(z, t, d))
+            dead.append(xp.any(empty))
+            counts.append(xp.sum(xp.astype(z, d.dtype)))
+        return out, _or(dead) | (total(counts) > self.rank)
+
+    def _whitened(self, xp: Any, storage: Storage, scales: list[Array]) -> list[Array]:
+        """W = D'^-1 U per name, (n, r) each: one scaled copy of U."""
+        return [
+            self._u(xp, storage, factor, size) / xp.expand_dims(d, axis=1)
+            for (factor, _, _, size), d in zip(self._names, scales, strict=True)
+        ]
 
     def capacitance(self, xp: Any, storage: Storage) -> Array:
         """C = I_r + U^T D^-2 U = I_r + W^T W, shape (rank, rank). O(P r^2).
 
-        Entries of d equal to 0 are read as 1 here (see `logdet` for what they mean).
+        Exact zeros of d are read as in `_scales`. For display and tests: the
+        operations use `prepare`'s factor, which does not lose what this Gram rounds
+        away when |W|^2 is large.
         """
         # W^T W with W = D^-1 U (one scaled temporary): NumPy sends a product of an
         # array with its own transpose to SYRK, half the flops of the general GEMM.
-        grams = []
-        for factor, scale, _, size in self._names:
-            scaled = self._u(xp, storage, factor, size) / xp.expand_dims(
-                self._d_safe(xp, storage, scale, size), axis=1
-            )
-            grams.append(_linalg.matmul(xp, xp.matrix_transpose(scaled), scaled))
+        scales, _ = self._scales(xp, storage)
+        grams = [
+            _linalg.matmul(xp, xp.matrix_transpose(w), w)
+            for w in self._whitened(xp, storage, scales)
+        ]
         return total(grams) + eye(xp, self.rank, storage[self._names[0][0]])
 
     def prepare(self, xp: Any, storage: Storage) -> LowRankPlusDiagonalState:
-        """The capacitance C (r x r) and its lower Cholesky factor, shared by ``logdet``,
-        ``solve`` and ``quadratic``. O(P r^2 + r^3), memory O(P r) (one scaled copy of U
-        while the Gram is formed, then r x r)."""
-        capacitance = self.capacitance(xp, storage)
-        return LowRankPlusDiagonalState(capacitance, _linalg.cholesky(xp, capacitance))
+        """An inverse factor T (T T^T = C^-1) and log det C of the capacitance
+        C = I + W^T W, W = D^-1 U, shared by ``logdet``, ``solve`` and ``quadratic``.
 
-    def _log_abs_d(self, xp: Any, storage: Storage) -> Array:
-        """sum log|d_i| over the non-zero d_i (2 log|d|, never log(d^2))."""
-        return total(
-            xp.sum(xp.log(xp.abs(self._d_safe(xp, storage, scale, size))))
-            for _, scale, _, size in self._names
+        Two passes over W (shifted Cholesky-QR of the stacked [W; I], whose R factor
+        R^T R = C is what is needed), so that nothing depends on the Gram W^T W being
+        accurate: in float32 it is not once |W|^2 >~ 1/eps (a d_i small against its
+        row of U: the Gram's rounding, eps |W|^2, swamps C's small eigenvalues and its
+        Cholesky fails).
+
+        1. G_1 = I + W^T W (the Gram), equilibrated by its diagonal s (Jacobi:
+           Ghat = S^-1 G_1 S^-1 has a unit diagonal, and the shift below is relative to
+           it) and shifted: Ghat + delta I = L_1 L_1^T, delta = 2 eps (r + sqrt(P)), more
+           than the Gram's rounding (a few eps sqrt(P) measured). Never fails; R_1 =
+           L_1^T S is a rough factor of C.
+        2. Y = W R_1^-1 (one P x r GEMM), G_2 = Y^T Y + R_1^-T R_1^-1 = R_1^-T C R_1^-1,
+           formed from W again, not from G_1: well conditioned (the shift costs at most
+           a factor delta / lambda_min), so its Gram rounds only eps relative to C's own
+           eigenvalues. Equilibrated and shifted the same way: Ghat_2 + delta I = L_2 L_2^T.
+        3. C = R_1^T S_2 (L_2 L_2^T - delta I) S_2 R_1, so
+           log det C = 2 sum log diag(L_1) + 2 sum log s + 2 sum log diag(L_2)
+           + 2 sum log s_2 + log det(I - delta V V^T), V = L_2^-1, the last term to
+           second order, and T = R_1^-1 S_2^-1 V^T (I + delta/2 V V^T) (first order).
+
+        Error: eps |W| (the QR's) instead of eps |W|^2 (the Gram's). Cost: O(P r^2)
+        (two Grams and one GEMM, about 2x one Gram) + O(r^3); memory O(P r) (W and Y
+        while the Grams are formed), the state O(P + r^2).
+        """
+        scales, singular = self._scales(xp, storage)
+        w = self._whitened(xp, storage, scales)
+        like = w[0]
+        identity = eye(xp, self.rank, like)
+        eps = float(xp.finfo(like.dtype).eps)
+        delta = 2.0 * eps * (self.rank + math.sqrt(self.layout.num_params))
+
+        def factor(gram: Array) -> tuple[Array, Array, Array]:
+            """(L, s, log det of the unshifted gram's L L^T part): Ghat + delta I = L L^T."""
+            s = xp.sqrt(xp.linalg.diagonal(gram))
+            scaled = gram / xp.expand_dims(s, axis=1) / xp.expand_dims(s, axis=0)
+            low = _linalg.cholesky(xp, scaled + delta * identity)
+            log_det = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(low))) + 2.0 * xp.sum(xp.log(s))
+            return low, s, log_det
+
+        gram = total(_linalg.matmul(xp, xp.matrix_transpose(b), b) for b in w) + identity
+        low1, s1, log_det1 = factor(gram)
+        # R_1^-1 = S^-1 L_1^-T (upper); Y = W R_1^-1.
+        inverse1 = xp.matrix_transpose(_linalg.solve(xp, low1, identity)) / xp.expand_dims(
+            s1, axis=1
+        )
+        y = [xp.matmul(b, inverse1) for b in w]
+        gram2 = total(_linalg.matmul(xp, xp.matrix_transpose(b), b) for b in y) + xp.matmul(
+            xp.matrix_transpose(inverse1), inverse1
+        )
+        low2, s2, log_det2 = factor(gram2)
+        v = _linalg.solve(xp, low2, identity)  # L_2^-1 (lower)
+        vv = xp.matmul(v, xp.matrix_transpose(v))  # (Ghat_2 + delta I)^-1
+        # log det(I - delta V V^T) = -delta tr(VV^T) - delta^2 tr((VV^T)^2) / 2 - ...
+        correction = -delta * xp.sum(xp.linalg.diagonal(vv)) - 0.5 * delta**2 * xp.sum(vv * vv)
+        inverse2 = xp.matmul(
+            xp.matrix_transpose(v) / xp.expand_dims(s2, axis=1), identity + (0.5 * delta) * vv
+        )
+        return LowRankPlusDiagonalState(
+            tuple(scales),
+            xp.matmul(inverse1, inverse2),
+            log_det1 + log_det2 + correction,
+            singular,
         )
 
-    def _degenerate(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
-        """(singular, partial), two 0-D bools read from the values of d and U.
-
-        ``singular``: Sigma is singular for certain: more than ``rank`` entries of d
-        are 0 (the rows of Sigma there span at most ``rank`` dimensions), or a row of
-        Sigma is all zero (d_i = 0 and U's row i = 0; e.g. the never-reset storage).
-        ``partial``: some d_i = 0 but not certainly singular; the determinant lemma
-        and Woodbury do not apply then.
-        """
-        zeros, dead = [], []
-        for factor, scale, _, size in self._names:
-            zero = self._d(xp, storage, scale, size) == 0
-            empty = row_norms(xp, self._u(xp, storage, factor, size)) == 0
-            zeros.append(xp.sum(xp.astype(zero, storage[scale].dtype)))
-            dead.append(xp.any(zero & empty))
-        count = total(zeros)
-        any_dead = dead[0]
-        for flag in dead[1:]:
-            any_dead = any_dead | flag
-        return any_dead | (count > self.rank), count > 0
+    def _log_abs_d(self, xp: Any, scales: tuple[Array, ...]) -> Array:
+        """sum log|d'_i| (2 log|d|, never log(d^2))."""
+        return total(xp.sum(xp.log(xp.abs(d))) for d in scales)
 
     def logdet(self, xp: Any, storage: Storage, state: LowRankPlusDiagonalState) -> Array:
-        """log det C + 2 sum log|d| (determinant lemma), 2 sum log L_ii for C = L L^T.
+        """log det C + 2 sum log|d| (determinant lemma), C from `prepare`'s two passes.
 
-        ``-inf`` where Sigma is certainly singular (e.g. all zero); NaN where 1..rank
-        entries of d are exactly 0 and Sigma may still be regular (not computed).
+        ``-inf`` where Sigma is certainly singular (more than ``rank`` zeros of d, or a
+        zero row); 1..rank exact zeros with a regular Sigma give a finite value (see
+        `_scales`).
         """
-        value = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(state.cholesky))) + 2.0 * self._log_abs_d(
-            xp, storage
-        )
-        singular, partial = self._degenerate(xp, storage)
-        value = xp.where(partial, xp.full_like(value, math.nan), value)
-        return xp.where(singular, xp.full_like(value, -math.inf), value)
+        value = state.log_det_capacitance + 2.0 * self._log_abs_d(xp, state.scales)
+        return xp.where(state.singular, xp.full_like(value, -math.inf), value)
 
     def _coefficients(
         self, xp: Any, storage: Storage, state: LowRankPlusDiagonalState, x: list[Array]
     ) -> tuple[Array, list[Array]]:
         """(a, residuals): a = C^-1 W^T D^-1 x = C^-1 U^T D^-2 x, shape (B, r), and D^-1 (x - U a).
 
-        a minimises |D^-1 (x - U a)|^2 + |a|^2, whose minimum is x^T Sigma^-1 x. One step
+        a minimises |D^-1 (x - U a)|^2 + |a|^2, whose minimum is x^T Sigma^-1 x. Two steps
         of iterative refinement, a += C^-1 (W^T r - a) with the residual r = D^-1 (x - U a):
-        the gradient is computed from the small residual rather than from the Gram C
-        (rounded at |W|^2 eps), which brings a from eps cond(C) to about eps cond(W)
-        relative error. Cost: 4 GEMMs of (B, n) x (n, r) per name.
+        the gradient is computed from the small residual rather than from C. The first
+        a = C^-1 U^T D^-2 x carries the rounding of U^T D^-2 x, eps |W|^2 |x| (|W|^2 ~ 1e12
+        with a d_i of 1e-6 against its row of U), into C's small directions; one step
+        brings that to eps |W|, the second to about eps cond(W) (measured: log_prob off by
+        54 nats after one step, 7e-3 after two, float32, one d_i = 1e-6). C^-1 is T T^T
+        from `prepare` (two r x r products, no factorisation per call). Cost: 6 GEMMs of
+        (B, n) x (n, r) per name.
         """
-        scales = [self._d_safe(xp, storage, scale, size) for _, scale, _, size in self._names]
+        scales = state.scales
         factors = [self._u(xp, storage, factor, size) for factor, _, _, size in self._names]
+        inverse = state.inverse_factor
 
         def project(blocks: list[Array]) -> Array:  # W^T D^-1 blocks = U^T D^-2 blocks, (B, r)
             return total(
@@ -251,16 +333,18 @@ class LowRankPlusDiagonal(Structure):
                 for block, d, u in zip(x, scales, factors, strict=True)
             ]
 
-        def solve(t: Array) -> Array:
-            return xp.matrix_transpose(_linalg.solve(xp, state.capacitance, xp.matrix_transpose(t)))
+        def solve(t: Array) -> Array:  # rows of t times C^-1 = T T^T
+            return xp.matmul(xp.matmul(t, inverse), xp.matrix_transpose(inverse))
 
         a = solve(project(x))
-        r = residuals(a)
-        # W^T r = U^T D^-1 r: r is already divided by d once.
-        gradient = total(
-            _linalg.matmul(xp, block / d, u) for block, d, u in zip(r, scales, factors, strict=True)
-        )
-        a = a + solve(gradient - a)
+        for _ in range(2):
+            r = residuals(a)
+            # W^T r = U^T D^-1 r: r is already divided by d once.
+            gradient = total(
+                _linalg.matmul(xp, block / d, u)
+                for block, d, u in zip(r, scales, factors, strict=True)
+            )
+            a = a + solve(gradient - a)
         return a, residuals(a)
 
     def solve_blocks(
@@ -269,10 +353,7 @@ class LowRankPlusDiagonal(Structure):
         # Woodbury, whitened: Sigma^-1 x = D^-1 (I + W W^T)^-1 D^-1 x = D^-1 (y - W a)
         # with y = D^-1 x, a = C^-1 W^T y: (x - U a) / d / d, never divided by d^2.
         _, residuals = self._coefficients(xp, storage, state, x)
-        return [
-            r / self._d_safe(xp, storage, scale, size)
-            for (_, scale, _, size), r in zip(self._names, residuals, strict=True)
-        ]
+        return [r / d for r, d in zip(residuals, state.scales, strict=True)]
 
     def quadratic(
         self, xp: Any, storage: Storage, state: LowRankPlusDiagonalState, x: list[Array]
@@ -289,23 +370,18 @@ class LowRankPlusDiagonal(Structure):
 
 
 class LowRankPlusDiagonalState(NamedTuple):
-    """`LowRankPlusDiagonal.prepare`'s state: r x r arrays only (never P-sized)."""
+    """`LowRankPlusDiagonal.prepare`'s state: d' (P in all) and r x r arrays, never P x r."""
 
-    capacitance: Array  #: C = I_r + W^T W, W = D^-1 U (d = 0 read as 1)
-    cholesky: Array  #: lower L, L L^T = C
-
-
-def _inverse(xp: Any, a: Array) -> Array:
-    return _linalg.solve(xp, a, eye(xp, a.shape[-1], a))
+    scales: tuple[Array, ...]  #: d' per name, (n,): d with exact zeros replaced (`_scales`)
+    inverse_factor: Array  #: T (r x r), T T^T = C^-1, C = I + W^T W, W = D'^-1 U
+    log_det_capacitance: Array  #: log det C, 0-D
+    singular: Array  #: 0-D bool: Sigma certainly singular (log det -inf)
 
 
-def _trace_product(xp: Any, a: Array, b: Array) -> Array:
-    """tr(a b) for two r x r arrays, without the product: sum(a * b^T)."""
-    return xp.sum(a * xp.matrix_transpose(b))
-
-
-def _log_det_capacitance(xp: Any, state: LowRankPlusDiagonalState) -> Array:
-    return 2.0 * xp.sum(xp.log(xp.linalg.diagonal(state.cholesky)))
+def _trace_inverse(xp: Any, state: LowRankPlusDiagonalState, a: Array) -> Array:
+    """tr(C^-1 a) for an r x r ``a``: tr(T^T a T) = sum(T * (a T)), C^-1 = T T^T."""
+    t = state.inverse_factor
+    return xp.sum(t * xp.matmul(a, t))
 
 
 def _p_terms(
@@ -317,32 +393,44 @@ def _p_terms(
 ) -> Array:
     """tr(C_p^-1 W_p^T diag(eta) W_p), W_p = D_p^-1 U_p; O(P r^2)."""
     grams = []
-    for (factor, scale, _, size), e in zip(p._names, eta, strict=True):
-        w = p._u(xp, p_storage, factor, size) / xp.expand_dims(
-            p._d_safe(xp, p_storage, scale, size), axis=1
-        )
+    for w, e in zip(p._whitened(xp, p_storage, list(p_state.scales)), eta, strict=True):
         grams.append(_linalg.matmul(xp, xp.matrix_transpose(w * xp.expand_dims(e, axis=1)), w))
-    return _trace_product(xp, _inverse(xp, p_state.capacitance), total(grams))
+    return _trace_inverse(xp, p_state, total(grams))
 
 
 def _p_edges(
     xp: Any,
     p: LowRankPlusDiagonal,
     p_storage: Storage,
+    p_state: LowRankPlusDiagonalState,
     q_diagonal: list[Array],
     difference: Array,
+    q_scales: list[Array] | None = None,
 ) -> tuple[Array, Array]:
-    """(infinite, undefined) from p's zero d: ``+inf`` where a row of Sigma_p is zero
-    while q has mass there (diag(Sigma_q)_i > 0 or a mean difference); undefined
-    (NaN) for any other zero d_p (not computed)."""
+    """(infinite, undefined) from p's exact zeros of d, two 0-D bools.
+
+    ``infinite``: Sigma_p certainly singular (more than ``rank`` zeros, or a zero row)
+    while q has a density (the callers' q is regular), or a zero row of Sigma_p where q
+    has mass (diag(Sigma_q)_i > 0 or a mean difference). ``undefined`` (NaN, not
+    computed): any other zero d_p, or with ``q_scales`` (q's own diagonal standard
+    deviations) only a zero d_p where q's is not 0. Sigma_p is regular then, but every trace term
+    against Sigma_p^-1 goes through Woodbury, (Sigma_p^-1)_ii = (1 - w_i C^-1 w_i^T) / d_i^2,
+    and with d_i read as the tiny d'_i the difference 1 - w_i C^-1 w_i^T is rounding
+    noise, multiplied by (d_q,i / d'_i)^2 ~ 1 / eps; a wrong finite KL would be worse than
+    NaN. Where d_q,i = 0 as well (e.g. KL(q || q)) that factor is moderate and the value
+    is accurate.
+    """
     bad, zero_any = [], []
-    for (factor, scale, offset, size), diag_q in zip(p._names, q_diagonal, strict=True):
+    for index, ((factor, scale, offset, size), diag_q) in enumerate(
+        zip(p._names, q_diagonal, strict=True)
+    ):
         zero = p._d(xp, p_storage, scale, size) == 0
         dead = zero & (row_norms(xp, p._u(xp, p_storage, factor, size)) == 0)
         d = difference[offset : offset + size]
         bad.append(xp.any(dead & ((diag_q > 0) | (d != 0))))
-        zero_any.append(xp.any(zero))
-    return _or(bad), _or(zero_any)
+        undefined = zero if q_scales is None else zero & (q_scales[index] != 0)
+        zero_any.append(xp.any(undefined))
+    return _or(bad) | p_state.singular, _or(zero_any)
 
 
 def _or(flags: list[Array]) -> Array:
@@ -396,16 +484,17 @@ def _kl_lrpd_lrpd(
     tr(X^T B^-1 X) and the Mahalanobis term are p's `quadratic` (ridge form, sums of
     non-negative terms). Memory O(P r): a few P x r temporaries, r x r otherwise.
 
-    Edges: +inf for a singular q (see `LowRankPlusDiagonal.logdet`) or a zero row of
-    Sigma_p where q has mass; NaN where a d is 0 otherwise (not computed).
+    Exact zeros of d are read as in `LowRankPlusDiagonal._scales` (d', which changes
+    Sigma by less than rounding): finite for zeros of d_q, and for zeros of d_p where
+    d_q is 0 too (KL(q || q) = 0). Edges: +inf for a singular q (see
+    `LowRankPlusDiagonal.logdet`), a singular p, or a zero row of Sigma_p where q has
+    mass; NaN for a zero d_p where d_q is not 0 (not computed, see `_p_edges`).
     """
     p_state = p.prepare(xp, p_storage)
     q_state = q.prepare(xp, q_storage)
     excess_parts, eta = [], []
-    for (_, q_scale, _, size), (_, p_scale, _, _) in zip(q._names, p._names, strict=True):
-        excess, minus_one = ratio_excess(
-            xp, q._d(xp, q_storage, q_scale, size), p._d(xp, p_storage, p_scale, size)
-        )
+    for d_q, d_p in zip(q_state.scales, p_state.scales, strict=True):
+        excess, minus_one = ratio_excess(xp, d_q, d_p)
         excess_parts.append(xp.sum(excess))
         eta.append(minus_one)
     q_blocks = [q._u(xp, q_storage, f, size) for f, _, _, size in q._names]
@@ -418,15 +507,10 @@ def _kl_lrpd_lrpd(
                 xp.matrix_transpose((u_p / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)),
                 e,
             )
-            for u_p, e, d in zip(
-                p_blocks,
-                delta,
-                [p._d_safe(xp, p_storage, scale, size) for _, scale, _, size in p._names],
-                strict=True,
-            )
+            for u_p, e, d in zip(p_blocks, delta, p_state.scales, strict=True)
         )  # W_p^T E = U_p^T D_p^-2 (U_q - U_p), r x r
         middle = (
-            2.0 * _trace_product(xp, _inverse(xp, p_state.capacitance), cross)
+            2.0 * _trace_inverse(xp, p_state, cross)
             + xp.sum(p.quadratic(xp, p_storage, p_state, _columns(xp, delta)))
             - _p_terms(xp, p, p_storage, p_state, eta)
         )
@@ -438,15 +522,14 @@ def _kl_lrpd_lrpd(
     value = 0.5 * (
         total(excess_parts)
         + middle
-        - (_log_det_capacitance(xp, q_state) - _log_det_capacitance(xp, p_state))
+        - (q_state.log_det_capacitance - p_state.log_det_capacitance)
         + _mahalanobis(xp, p, p_storage, p_state, difference)
     )
+    q_d = [q._d(xp, q_storage, scale, size) for _, scale, _, size in q._names]
     p_infinite, p_undefined = _p_edges(
-        xp, p, p_storage, q.diagonal_blocks(xp, q_storage), difference
+        xp, p, p_storage, p_state, q.diagonal_blocks(xp, q_storage), difference, q_d
     )
-    q_singular, q_partial = q._degenerate(xp, q_storage)
-    value = finish(xp, value, q_singular, q_partial)
-    return finish(xp, value, p_infinite, p_undefined)
+    return finish(xp, value, q_state.singular | p_infinite, p_undefined)
 
 
 @register_kl(Diagonal, LowRankPlusDiagonal)
@@ -465,27 +548,26 @@ def _kl_diagonal_lrpd(
     + m^T Sigma_p^-1 m, W_p = D_p^-1 U_p, C_p = I + W_p^T W_p. Never P x P (the generic
     pair builds the P columns of S_q = diag(s)).
 
-    Edges: +inf where s = 0 (q singular) or where a zero row of Sigma_p meets q's mass;
-    NaN where a d_p is 0 otherwise.
+    Edges: +inf where s = 0 (q singular), for a singular p, or where a zero row of
+    Sigma_p meets q's mass; NaN for any other exact zero of d_p (see `_p_edges`).
     """
     p_state = p.prepare(xp, p_storage)
     excess_parts, rho = [], []
-    for s_q, (_, p_scale, _, size) in zip(q._s(xp, q_storage), p._names, strict=True):
-        excess, minus_one = ratio_excess(xp, s_q, p._d(xp, p_storage, p_scale, size))
+    for s_q, d_p in zip(q._s(xp, q_storage), p_state.scales, strict=True):
+        excess, minus_one = ratio_excess(xp, s_q, d_p)
         excess_parts.append(xp.sum(excess))
         rho.append(minus_one + 1.0)
     value = 0.5 * (
         total(excess_parts)
         - _p_terms(xp, p, p_storage, p_state, rho)
-        + _log_det_capacitance(xp, p_state)
+        + p_state.log_det_capacitance
         + _mahalanobis(xp, p, p_storage, p_state, difference)
     )
     q_zero = _or([xp.any(s == 0) for s in q._s(xp, q_storage)])
     p_infinite, p_undefined = _p_edges(
-        xp, p, p_storage, q.diagonal_blocks(xp, q_storage), difference
+        xp, p, p_storage, p_state, q.diagonal_blocks(xp, q_storage), difference
     )
-    value = finish(xp, value, q_zero)
-    return finish(xp, value, p_infinite, p_undefined)
+    return finish(xp, value, q_zero | p_infinite, p_undefined)
 
 
 @register_kl(LowRankPlusDiagonal, Diagonal)
@@ -503,12 +585,15 @@ def _kl_lrpd_diagonal(
     + sum((m / s_p)^2) - log det C], the determinant lemma splitting log det Sigma_q;
     log rho = 2 (log|d| - log|s_p|) and every division by s_p is done twice, never by s_p^2.
 
-    Edges: +inf for a singular q or where s_p = 0 meets q's mass; NaN where s_p = 0
-    otherwise, or where 1..rank entries of d are 0 (not computed).
+    Exact zeros of d are read as d' (`LowRankPlusDiagonal._scales`). Edges: +inf for a
+    singular q or where s_p = 0 meets q's mass; NaN where s_p = 0 otherwise.
     """
+    q_state = q.prepare(xp, q_storage)
     parts, bad, p_zero = [], [], []
-    for (factor, scale, offset, size), s_p in zip(q._names, p._s(xp, p_storage), strict=True):
-        excess, _ = ratio_excess(xp, q._d(xp, q_storage, scale, size), s_p)
+    for (factor, scale, offset, size), s_p, d_q in zip(
+        q._names, p._s(xp, p_storage), q_state.scales, strict=True
+    ):
+        excess, _ = ratio_excess(xp, d_q, s_p)
         zero = s_p == 0
         safe = xp.where(zero, xp.ones_like(s_p), s_p)
         norms = row_norms(xp, q._u(xp, q_storage, factor, size))
@@ -517,10 +602,8 @@ def _kl_lrpd_diagonal(
         diag_q = norms + q._d(xp, q_storage, scale, size) ** 2
         bad.append(xp.any(zero & ((diag_q > 0) | (d != 0))))
         p_zero.append(xp.any(zero))
-    q_state = q.prepare(xp, q_storage)
-    value = 0.5 * (total(parts) - _log_det_capacitance(xp, q_state))
-    q_singular, q_partial = q._degenerate(xp, q_storage)
-    value = finish(xp, value, q_singular, q_partial)
+    value = 0.5 * (total(parts) - q_state.log_det_capacitance)
+    value = finish(xp, value, q_state.singular)
     return finish(xp, value, _or(bad), _or(p_zero))
 
 
@@ -554,11 +637,12 @@ def _kl_to_lrpd(
     and low rank plus diagonal q have their own pairs, which do not cancel and give
     KL(q || q) = 0).
 
-    Edges (values, jit-safe): ``+inf`` for a singular q (log det Sigma_q = -inf) or a
-    zero row of Sigma_p where q has mass; NaN where a d_p is 0 otherwise (not computed).
+    Edges (values, jit-safe): ``+inf`` for a singular q (log det Sigma_q = -inf), a
+    singular p, or a zero row of Sigma_p where q has mass; NaN for any other exact zero
+    of d_p (not computed, see `_p_edges`).
     """
     p_state = p.prepare(xp, p_storage)
-    scales = [p._d_safe(xp, p_storage, scale, size) for _, scale, _, size in p._names]
+    scales = p_state.scales
     # V^T as per-name (r, n) row blocks: U_p / d / d, transposed.
     v_rows = [
         xp.matrix_transpose(
@@ -575,13 +659,13 @@ def _kl_to_lrpd(
     )
     value = 0.5 * (
         diagonal_trace
-        - _trace_product(xp, _inverse(xp, p_state.capacitance), gram)
+        - _trace_inverse(xp, p_state, gram)
         + _mahalanobis(xp, p, p_storage, p_state, difference)
         - q.num_params
         + p.logdet(xp, p_storage, p_state)
         - logdet_of(xp, q, q_storage)
     )
-    p_infinite, p_undefined = _p_edges(xp, p, p_storage, q_diagonal, difference)
+    p_infinite, p_undefined = _p_edges(xp, p, p_storage, p_state, q_diagonal, difference)
     return finish(xp, value, p_infinite, p_undefined)
 
 
