@@ -191,7 +191,11 @@ class LowRankPlusDiagonal(Structure):
         out, dead, counts = [], [], []
         for d, z, n, o in zip(ds, zeros, norms, ones, strict=True):
             empty = z & (n == 0)
-            t = xp.where(empty, o, xp.sqrt(n) * ratio)
+            needed = z & (n != 0)
+            # sqrt only where it is used: a row of U that underflowed to 0 (a feature the
+            # data never feeds, its U row driven to 0 by the KL) would otherwise send
+            # 0 * inf = NaN into the gradient through the branch `where` does not take.
+            t = xp.where(needed, xp.sqrt(xp.where(needed, n, o)) * ratio, o)
             out.append(xp.where(z, t, d))
             dead.append(xp.any(empty))
             counts.append(xp.sum(xp.astype(z, d.dtype)))
