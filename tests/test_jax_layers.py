@@ -756,3 +756,211 @@ def test_the_layers_import_their_package_only_when_used():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------- convolutions
+def Conv(kind: str, n: int, *args: Any, seed: int = 0, **kwargs: Any) -> Any:
+    """``{Equinox,NNX}Conv{n}d(*args, ...)`` in float64."""
+    need(kind)
+    kwargs.setdefault("dtype", jnp.float64)
+    cls = getattr(scj, f"{'Equinox' if kind == 'equinox' else 'NNX'}Conv{n}d")
+    if kind == "equinox":
+        return cls(*args, key=jax.random.key(seed), **kwargs)
+    from flax import nnx
+
+    return cls(*args, rngs=nnx.Rngs(seed), **kwargs)
+
+
+#: (n, in, out, kernel, options, spatial in, spatial out)
+CONV_CASES = [
+    (1, 4, 6, 3, {"stride": 2, "padding": 1, "groups": 2}, (9,), (5,)),
+    (2, 2, 3, (3, 2), {"padding": "same", "dilation": (1, 2)}, (5, 6), (5, 6)),
+    (3, 3, 3, 2, {"groups": 3, "bias": False, "padding": (1, 0, 0)}, (3, 4, 2), (4, 3, 1)),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=["1d", "2d", "3d"])
+def test_conv_forward_shapes(kind, case):
+    n, c_in, c_out, kernel, options, spatial, spatial_out = case
+    for cov in (sc.DiagonalCovariance, None):  # shapes only: the cheapest initialisation
+        conv = Conv(kind, n, c_in, c_out, kernel, cov=cov, **options)
+        x = jax.ShapeDtypeStruct((2, 1, c_in, *spatial), jnp.float64)
+        for sample_shape, leading in [((3,), (3,)), (None, ())]:
+            out = jax.eval_shape(lambda x, k, s=sample_shape, c=conv: c(x, s, k), x, key(1))
+            assert out.shape == (*leading, 2, 1, c_out, *spatial_out), (cov, sample_shape)
+            assert out.dtype == jnp.float64
+        kernel_t = kernel if isinstance(kernel, tuple) else (kernel,) * n
+        assert conv.weight.shape == (c_out, c_in // options.get("groups", 1), *kernel_t)
+        assert (conv.bias is None) == (options.get("bias") is False)
+        assert conv.stochastic == (cov is not None) and conv.kernel_size == kernel_t
+
+
+@pytest.mark.parametrize(("kind", "structure"), [("equinox", "kronecker"), ("nnx", "diagonal")])
+def test_conv_forward_is_structcov_conv_on_params(kind, structure):
+    conv = Conv(kind, 2, 4, 2, 3, padding=1, groups=2, cov=STRUCTURES[structure])
+    options = {"stride": 1, "padding": 1, "dilation": 1, "groups": 2}
+    x = randn(1, 3, 4, 5, 5)
+    xs = randn(2, 2, 3, 4, 5, 5)
+
+    def outputs(conv: Any) -> Any:
+        params = core(conv)
+        ours = [
+            conv(x, (2,), key(3)),
+            conv(x, None),
+            conv(xs, (2,), key(4), input_contains_samples=True),
+        ]
+        theirs = [
+            sc.conv(x, params, (2,), key(3), **options),
+            sc.conv(x, params, None, **options),
+            sc.conv(xs, params, (2,), key(4), input_contains_samples=True, **options),
+        ]
+        return ours, theirs
+
+    ours, theirs = jitted(kind, outputs, conv)
+    for got, want in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert ours[0].shape == (2, 3, 2, 5, 5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic_conv_is_lax_conv_on_the_means(kind):
+    conv = Conv(kind, 1, 4, 6, 3, stride=2, padding=1, dilation=2, groups=2)
+    assert isinstance(core(conv), scj.DeterministicParameter)
+    x = randn(1, 2, 3, 4, 11)
+    flat = jax.lax.conv_general_dilated(
+        x.reshape(6, 4, 11),
+        conv.weight,
+        window_strides=(2,),
+        padding=((1, 1),),
+        rhs_dilation=(2,),
+        dimension_numbers=("NCH", "OIH", "NCH"),
+        feature_group_count=2,
+    )
+    expected = (flat + conv.bias[:, None]).reshape(2, 3, 6, -1)
+    mean, replicated, per_sample, unbatched = jitted(
+        kind,
+        lambda c: (
+            c(x, None),
+            c(x, (2,)),
+            c(x, (2,), input_contains_samples=True),
+            c(x[0, 0], None),  # no batch axes
+        ),
+        conv,
+    )
+    assert_close(mean, expected)
+    assert_close(replicated, jnp.broadcast_to(expected, (2, *expected.shape)))
+    assert_close(per_sample, expected)
+    assert_close(unbatched, expected[0, 0])
+    with pytest.raises(ValueError, match="no `parameter_samples`"):
+        conv(x, (2,), parameter_samples={"weight": jnp.zeros((2, *conv.weight.shape))})
+    with pytest.raises(ValueError, match=r"must have shape \(\*batch, 4, \*spatial\)"):
+        conv(randn(1, 3, 5, 11), None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("parametrization", [sp.Standard(), sp.MaximalUpdate()], ids=repr)
+def test_conv_initialised_at_the_parametrization_scales(kind, parametrization):
+    # fan_in = in_channels / groups * prod(kernel) = 8 / 2 * 9 = 36, fan_out = 60 * 9
+    conv = Conv(
+        kind, 2, 8, 60, 3, groups=2, layer_type="input", cov=sc.DiagonalCovariance,
+        parametrization=parametrization,
+    )  # fmt: skip
+    assert conv._fans() == sp.fans((60, 4, 3, 3)) == (36, 540)
+    scales = conv.init_scales()
+    assert scales == parametrization.init_scales(36, 540, "input")
+    assert conv.lr_scales("sgd") == parametrization.lr_scales(36, 540, "sgd", "input")
+    assert float(jnp.std(conv.weight)) == pytest.approx(scales["weight"], rel=0.05)
+    storage = core(conv).cov.storage()
+    for name in ("weight", "bias"):
+        std = jax.nn.softplus(storage[f"scale.{name}"])
+        assert_close(std, jnp.full_like(std, scales[name]), rtol=1e-10)
+    factors = scj.lr_scaling_tree(conv, optimizer="sgd")
+    f = conv.lr_scales("sgd")
+    if kind == "equinox":
+        assert factors.params["weight"] == f["weight"] and factors.params["bias"] == f["bias"]
+    else:
+        assert factors["params"]["mean"]["weight"] == f["weight"]
+        assert factors["params"]["cov"]["scale.weight"] == f["weight"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conv_in_sequential_jit_grad_kl_and_predictive(kind):
+    first = Conv(kind, 1, 2, 4, 3, padding=1, cov=sc.KroneckerCovariance, seed=0)
+    second = Conv(kind, 1, 4, 3, 3, stride=2, cov=sc.LowRankPlusDiagonalCovariance(1), seed=1)
+    model = Sequential(kind, first, jax.nn.relu, second, lambda h: jnp.mean(h, axis=-1))
+    x = randn(1, 5, 2, 8)
+
+    def outputs(model: Any) -> Any:
+        first, second = model[0], model[2]
+        k0, _, k2, _ = jax.random.split(key(7), 4)
+        hidden = jax.nn.relu(first(x, (2,), k0))
+        expected = jnp.mean(second(hidden, (2,), k2, input_contains_samples=True), axis=-1)
+        probs = scj.predictive(model, x, (2,), key(1), probabilities=True)
+        return model(x, (2,), key(7)), expected, probs, scj.kl_divergence(model, 1.0)
+
+    got, expected, probs, kl = jitted(kind, outputs, model)
+    assert got.shape == (2, 5, 3) and probs.shape == (5, 3)
+    assert_close(got, expected)
+    assert bool(jnp.isfinite(kl))
+
+    def loss(model: Any) -> Any:
+        return jnp.sum(model(x, (2,), key(2)) ** 2) + scj.kl_divergence(model, 1.0)
+
+    if kind == "equinox":
+        eqx = need(kind)
+        grads = eqx.filter_jit(eqx.filter_grad(loss))(model)
+        leaves = [
+            (jax.tree_util.keystr(p), v)
+            for i in (0, 2)
+            for p, v in jax.tree_util.tree_leaves_with_path(grads[i].params)
+        ]
+        assert len(leaves) == len(jax.tree.leaves(core(first))) + len(jax.tree.leaves(core(second)))
+    else:
+        nnx = need(kind)
+        leaves = list(nnx.to_flat_state(nnx.jit(nnx.grad(loss))(model)))
+        assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for path, value in leaves:
+        value = value[...] if hasattr(value, "get_metadata") else value
+        assert bool(jnp.all(jnp.isfinite(value))), path
+        assert float(jnp.sum(jnp.abs(value))) > 0, path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conv_argument_errors(kind):
+    with pytest.raises(ValueError, match=r"`groups` \(2\) must divide"):
+        Conv(kind, 2, 3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="`groups` must be an int >= 1"):
+        Conv(kind, 2, 3, 4, 3, groups=0)
+    with pytest.raises(ValueError, match="`padding_mode` must be 'zeros'"):
+        Conv(kind, 2, 3, 4, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="`kernel_size` must be a positive int or a tuple of 2"):
+        Conv(kind, 2, 3, 4, (3, 3, 3))
+    with pytest.raises(ValueError, match="`kernel_size` must be a positive int"):
+        Conv(kind, 1, 3, 4, 0)
+    with pytest.raises(ValueError, match="`padding='same'` needs stride 1"):
+        Conv(kind, 1, 3, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="`padding` must be 'valid', 'same'"):
+        Conv(kind, 1, 3, 4, 3, padding="full")
+    with pytest.raises(ValueError, match="`in_channels` must be an int >= 1"):
+        Conv(kind, 3, 0, 4, 3)
+    with pytest.raises(ValueError, match="`layer_type` must be one of"):
+        Conv(kind, 1, 3, 4, 3, layer_type="middle")
+    with pytest.raises(TypeError, match="`cov` must be None, a structcov covariance"):
+        Conv(kind, 1, 3, 4, 3, cov=lambda: "diagonal")
+
+
+def test_the_conv_layers_are_created_lazily():
+    pytest.importorskip("equinox")
+    code = (
+        "import sys, jax, structcov as sc, structcov.jax as scj\n"
+        "assert 'equinox' not in sys.modules and 'flax' not in sys.modules\n"
+        "conv = scj.EquinoxConv2d(2, 3, 3, cov=sc.DiagonalCovariance, key=jax.random.key(0))\n"
+        "out = conv(jax.numpy.ones((1, 2, 4, 4)), (2,), jax.random.key(1))\n"
+        "assert out.shape == (2, 1, 3, 2, 2)\n"
+        "assert 'flax' not in sys.modules, 'flax imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -53,6 +53,9 @@ import jax
 import jax.numpy as jnp
 
 from . import _linalg
+from .convolution import _padding as _conv_padding
+from .convolution import _per_dimension
+from .convolution import conv as _conv
 from .covariances import FactorizedCovariance
 from .covariances._base import StructuredCovariance
 from .functional import sample_shape_of
@@ -338,6 +341,129 @@ def _check_layer_arguments(
     if cov is None and local_reparameterization:
         raise ValueError("`local_reparameterization=True` needs a covariance, got cov=None")
     return check_layer_type(layer_type)
+
+
+class _ConvMethods(_LayerMethods):
+    """`_LayerMethods` for the convolution layers: fans of ``(C_out, C_in/groups, *kernel)``
+    and the forward through `structcov.conv`."""
+
+    _spatial = 0  # the number of spatial dimensions, set per class
+    local_reparameterization = False  # a convolution draws weights
+
+    if TYPE_CHECKING:
+        in_channels: int
+        out_channels: int
+        kernel_size: tuple[int, ...]
+        stride: tuple[int, ...]
+        padding: str | tuple[int, ...]
+        dilation: tuple[int, ...]
+        groups: int
+
+    def _fans(self) -> tuple[int, int]:
+        return fans((self.out_channels, self.in_channels // self.groups, *self.kernel_size))
+
+    def _forward(
+        self,
+        x: Any,
+        sample_shape: Any,
+        key: Any,
+        input_contains_samples: bool,
+        parameter_samples: Mapping[str, Any] | None,
+    ) -> Any:
+        params = self._core_params()
+        options: dict[str, Any] = {
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+        }
+        if isinstance(params, GaussianParameter):
+            return _conv(
+                x,
+                params,
+                sample_shape,
+                key,
+                input_contains_samples=input_contains_samples,
+                parameter_samples=parameter_samples,
+                **options,
+            )
+        n = self._spatial
+        if x.ndim < n + 1 or x.shape[x.ndim - n - 1] != self.in_channels:
+            raise ValueError(
+                f"`x` must have shape (*batch, {self.in_channels}, *spatial) with {n} spatial "
+                f"dimension(s), got shape {tuple(x.shape)}"
+            )
+        item = tuple(x.shape[x.ndim - n - 1 :])  # (C_in, *spatial)
+        out = jax.lax.conv_general_dilated(
+            jnp.reshape(x, (-1, *item)),
+            params.mean["weight"],
+            window_strides=self.stride,
+            padding=_conv_padding(self.padding, self.kernel_size, self.stride, self.dilation),
+            rhs_dilation=self.dilation,
+            dimension_numbers=_CONV_DIMENSIONS[n],
+            feature_group_count=self.groups,
+        )  # the means, once
+        if params.mean["bias"] is not None:
+            out = out + jnp.reshape(params.mean["bias"], (-1,) + (1,) * n)
+        out = jnp.reshape(out, (*x.shape[: x.ndim - len(item)], *out.shape[1:]))
+        return _deterministic_forward(
+            out, x, sample_shape, input_contains_samples, parameter_samples
+        )
+
+
+_CONV_DIMENSIONS = {
+    1: ("NCH", "OIH", "NCH"),
+    2: ("NCHW", "OIHW", "NCHW"),
+    3: ("NCDHW", "OIDHW", "NCDHW"),
+}
+
+
+def _check_conv_arguments(
+    n: int,
+    in_channels: Any,
+    out_channels: Any,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: Any,
+    padding_mode: Any,
+    layer_type: Any,
+    cov: Any,
+    parametrization: Any,
+) -> tuple[LayerType, dict[str, Any]]:
+    """The checked layer type and geometry ``{kernel_size, stride, padding, dilation}``
+    (tuples of ``n`` ints; ``padding`` may stay ``"valid"`` / ``"same"``)."""
+    for argument, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+    layer_type = _check_layer_arguments(
+        in_channels, out_channels, layer_type, cov, parametrization, False
+    )
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"`groups` must be an int >= 1, got {groups!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"`groups` ({groups}) must divide in_channels ({in_channels}) and "
+            f"out_channels ({out_channels})"
+        )
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"`padding_mode` must be 'zeros' (the only mode structcov.conv has), got "
+            f"{padding_mode!r}: pad the input yourself (jnp.pad) and use padding=0"
+        )
+    geometry: dict[str, Any] = {
+        "kernel_size": _per_dimension(kernel_size, n, "kernel_size", 1),
+        "stride": _per_dimension(stride, n, "stride", 1),
+        "dilation": _per_dimension(dilation, n, "dilation", 1),
+    }
+    geometry["padding"] = (
+        padding if isinstance(padding, str) else _per_dimension(padding, n, "padding", 0)
+    )
+    # "valid" / "same" (stride 1 only) and every other padding are checked here, once
+    _conv_padding(geometry["padding"], geometry["kernel_size"], geometry["stride"],
+                  geometry["dilation"])  # fmt: skip
+    return layer_type, geometry
 
 
 def _core_covariance(cov: Any) -> StructuredCovariance:
@@ -903,6 +1029,29 @@ _LINEAR_DOC = """A dense layer ``y = x W^T + b`` with Gaussian (or fixed) parame
     broadcasts it over leading axes; it takes no ``parameter_samples``.
     """
 
+_CONV_DOC = """A {n}-D convolution layer with Gaussian (or fixed) parameters ({kind}).
+
+    The counterpart of ``structcov.torch.Conv{n}d``: ``{cls}(in_channels,
+    out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+    padding_mode="zeros", layer_type="hidden", cov=None, parametrization=Standard(),
+    *, {key}, dtype=None)``. The means are ``weight`` ``(out_channels, in_channels /
+    groups, *kernel_size)`` and ``bias`` ``(out_channels,)``; ``cov``, ``layer_type``,
+    ``parametrization``, the key and ``dtype`` as for the Linear layer (fan_in =
+    in_channels / groups * prod(kernel_size)). ``kernel_size``, ``stride``,
+    ``dilation``: an int or a tuple of {n}; ``padding``: an int, a tuple of {n},
+    ``"valid"`` or ``"same"`` (stride 1 only). Only ``padding_mode="zeros"``.
+    {storage}
+
+    Every forward of a stochastic layer is `structcov.conv` on the core parameter:
+    ``layer(x, sample_shape=(), key=None, *, input_contains_samples=False,
+    parameter_samples=None)`` returns ``(*sample_shape, *batch, out_channels,
+    *spatial_out)`` from ``(*batch, in_channels, *spatial)``, one parameter draw per
+    sample index (the draw of ``params.sample(sample_shape, generator=key)``);
+    ``sample_shape=None`` is the mean forward. A deterministic layer (``cov=None``)
+    convolves once with the means (``jax.lax.conv_general_dilated``) and broadcasts
+    over ``sample_shape``.
+    """
+
 _SEQUENTIAL_DOC = """Layers applied in order, passing ``sample_shape`` and the key ({kind}).
 
     The counterpart of ``structcov.torch.Sequential``. The call ``model(x,
@@ -1002,6 +1151,85 @@ def _equinox_layer_classes() -> dict[str, type[Any]]:
         ) -> Any:
             return _sequential_forward(self.layers, x, sample_shape, key, input_contains_samples)
 
+    def equinox_conv(n: int) -> type[Any]:
+        class EquinoxConv(_ConvMethods, eqx.Module):  # type: ignore[misc,unused-ignore]
+            params: Any  # GaussianParameter, or DeterministicParameter for cov=None
+            in_channels: int = eqx.field(static=True)
+            out_channels: int = eqx.field(static=True)
+            kernel_size: tuple[int, ...] = eqx.field(static=True)
+            stride: tuple[int, ...] = eqx.field(static=True)
+            padding: Any = eqx.field(static=True)  # tuple of ints, "valid" or "same"
+            dilation: tuple[int, ...] = eqx.field(static=True)
+            groups: int = eqx.field(static=True)
+            layer_type: LayerType = eqx.field(static=True)
+            parametrization: Parametrization = eqx.field(static=True)
+
+            _spatial = n
+
+            def __init__(
+                self,
+                in_channels: int,
+                out_channels: int,
+                kernel_size: Any,
+                stride: Any = 1,
+                padding: Any = 0,
+                dilation: Any = 1,
+                groups: int = 1,
+                bias: bool = True,
+                padding_mode: str = "zeros",
+                layer_type: LayerType = "hidden",
+                cov: Any = None,
+                parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+                *,
+                key: Any,
+                dtype: Any = None,
+            ) -> None:
+                self.layer_type, geometry = _check_conv_arguments(
+                    n, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, layer_type, cov, parametrization,
+                )  # fmt: skip
+                self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+                self.kernel_size = geometry["kernel_size"]
+                self.stride = geometry["stride"]
+                self.padding = geometry["padding"]
+                self.dilation = geometry["dilation"]
+                self.parametrization = parametrization
+                scales = parametrization.init_scales(*self._fans(), self.layer_type)
+                shape = (out_channels, in_channels // groups, *self.kernel_size)
+                self.params = _initial_params(shape, bias, cov, scales, key, dtype)
+
+            def _core_params(self) -> GaussianParameter | DeterministicParameter:
+                return cast("GaussianParameter | DeterministicParameter", self.params)
+
+            def __call__(
+                self,
+                x: Any,
+                sample_shape: Any = (),
+                key: Any = None,
+                *,
+                input_contains_samples: bool = False,
+                parameter_samples: Mapping[str, Any] | None = None,
+            ) -> Any:
+                return self._forward(
+                    x, sample_shape, key, input_contains_samples, parameter_samples
+                )
+
+        EquinoxConv.__doc__ = _CONV_DOC.format(
+            n=n,
+            cls=f"EquinoxConv{n}d",
+            kind="an ``equinox.Module``",
+            storage=(
+                "``params`` is a `GaussianParameter` or, for ``cov=None``, a\n"
+                "    `DeterministicParameter` (as in `EquinoxLinear`); channels, kernel size,\n"
+                "    stride, padding, dilation, groups, layer type and parametrization are\n"
+                "    static fields."
+            ),
+            key="key=key",
+        )
+        return EquinoxConv
+
+    conv_classes = {f"EquinoxConv{n}d": equinox_conv(n) for n in (1, 2, 3)}
+
     EquinoxLinear.__doc__ = _LINEAR_DOC.format(
         kind="an ``equinox.Module``",
         storage=(
@@ -1015,7 +1243,9 @@ def _equinox_layer_classes() -> dict[str, type[Any]]:
     EquinoxSequential.__doc__ = _SEQUENTIAL_DOC.format(
         kind="an ``equinox.Module``, ``EquinoxSequential(*layers)``", extra=""
     )
-    return _finish({"EquinoxLinear": EquinoxLinear, "EquinoxSequential": EquinoxSequential})
+    return _finish(
+        {"EquinoxLinear": EquinoxLinear, "EquinoxSequential": EquinoxSequential, **conv_classes}
+    )
 
 
 def _finish(classes: dict[str, type[Any]]) -> dict[str, type[Any]]:
@@ -1133,6 +1363,79 @@ def _nnx_layer_classes() -> dict[str, type[Any]]:
                 list(self.layers), x, sample_shape, _nnx_key(key, rngs), input_contains_samples
             )
 
+    def nnx_conv(n: int) -> type[Any]:
+        class NNXConv(_ConvMethods, nnx.Module):  # type: ignore[misc,unused-ignore]
+            _spatial = n
+
+            def __init__(
+                self,
+                in_channels: int,
+                out_channels: int,
+                kernel_size: Any,
+                stride: Any = 1,
+                padding: Any = 0,
+                dilation: Any = 1,
+                groups: int = 1,
+                bias: bool = True,
+                padding_mode: str = "zeros",
+                layer_type: LayerType = "hidden",
+                cov: Any = None,
+                parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+                *,
+                rngs: Any,
+                dtype: Any = None,
+            ) -> None:
+                self.layer_type, geometry = _check_conv_arguments(
+                    n, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, layer_type, cov, parametrization,
+                )  # fmt: skip
+                self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+                self.kernel_size = geometry["kernel_size"]
+                self.stride = geometry["stride"]
+                self.padding = geometry["padding"]
+                self.dilation = geometry["dilation"]
+                self.parametrization = parametrization
+                scales = parametrization.init_scales(*self._fans(), self.layer_type)
+                shape = (out_channels, in_channels // groups, *self.kernel_size)
+                core = _initial_params(shape, bias, cov, scales, rngs.params(), dtype)
+                if isinstance(core, GaussianParameter):
+                    self.params = wrapper(core)
+                else:
+                    self.params = NNXDeterministic(core)
+
+            def _core_params(self) -> GaussianParameter | DeterministicParameter:
+                return cast("GaussianParameter | DeterministicParameter", self.params.param)
+
+            def __call__(
+                self,
+                x: Any,
+                sample_shape: Any = (),
+                key: Any = None,
+                *,
+                rngs: Any = None,
+                input_contains_samples: bool = False,
+                parameter_samples: Mapping[str, Any] | None = None,
+            ) -> Any:
+                return self._forward(
+                    x, sample_shape, _nnx_key(key, rngs), input_contains_samples,
+                    parameter_samples,
+                )  # fmt: skip
+
+        NNXConv.__doc__ = _CONV_DOC.format(
+            n=n,
+            cls=f"NNXConv{n}d",
+            kind="a Flax ``nnx.Module``",
+            storage=(
+                "``params`` is an `NNXGaussian` or, for ``cov=None``, a module with\n"
+                "    ``params.mean[name]`` only (as in `NNXLinear`). The call also takes\n"
+                "    ``rngs=`` (an ``nnx.Rngs``) instead of ``key``: one key ``rngs.sample()``."
+            ),
+            key="rngs=rngs",
+        )
+        return NNXConv
+
+    conv_classes = {f"NNXConv{n}d": nnx_conv(n) for n in (1, 2, 3)}
+
     NNXLinear.__doc__ = _LINEAR_DOC.format(
         kind="a Flax ``nnx.Module``",
         storage=(
@@ -1159,6 +1462,7 @@ def _nnx_layer_classes() -> dict[str, type[Any]]:
             "NNXLinear": NNXLinear,
             "NNXSequential": NNXSequential,
             "NNXDeterministic": NNXDeterministic,
+            **conv_classes,
         }
     )
 
@@ -1170,6 +1474,16 @@ _LAZY_CLASSES: dict[str, Callable[[], type[Any]]] = {
     "EquinoxSequential": lambda: _equinox_layer_classes()["EquinoxSequential"],
     "NNXLinear": lambda: _nnx_layer_classes()["NNXLinear"],
     "NNXSequential": lambda: _nnx_layer_classes()["NNXSequential"],
+    **{
+        f"{system}Conv{n}d": functools.partial(
+            lambda classes, name: classes()[name], factory, f"{system}Conv{n}d"
+        )
+        for system, factory in (
+            ("Equinox", _equinox_layer_classes),
+            ("NNX", _nnx_layer_classes),
+        )
+        for n in (1, 2, 3)
+    },
 }
 
 
