@@ -24,10 +24,10 @@ The same model twice:
 
 - torch: `structcov.torch.Linear` layers in `structcov.torch.Sequential`,
   `structcov.torch.kl_divergence(model, prior)`, `structcov.torch.predictive`.
-- JAX: one `structcov.GaussianParameter` per layer (a pytree once
-  `structcov.jax` is imported), the forward through `structcov.linear` with a
-  PRNG key, one epoch a ``jax.lax.scan`` of the Adam step (optax), jitted once per
-  structure and shared by its seeds.
+- JAX: `structcov.jax.EquinoxLinear` layers in `structcov.jax.EquinoxSequential`,
+  `structcov.jax.kl_divergence(model, prior)`, `structcov.jax.predictive`; one
+  epoch a ``jax.lax.scan`` of the Adam step (optax) over the model's arrays
+  (``eqx.partition``), jitted once per structure and shared by its seeds.
 
 Structures (``--structures``): ``diagonal``, ``lrpd8`` (low rank 8 plus
 diagonal), ``kron`` (Kronecker, full-rank factors) and ``kron4x4`` (Kronecker
@@ -214,57 +214,43 @@ def run_torch(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argpa
 
 
 # -------------------------------------------------------------------------- JAX
-def init_jax_layer(key: Any, d_in: int, d_out: int, factory: Callable[[], Any]) -> Any:
-    """A `structcov.GaussianParameter` for one dense layer, initialised like `st.Linear`.
-
-    Means U(-1/sqrt(d_in), 1/sqrt(d_in)) (torch.nn.Linear's bounds), then
-    ``cov.reset_parameters(1/sqrt(d_in))``.
-    """
+def jax_model(key: Any, factory: Callable[[], Any]) -> Any:
+    """The MLP as ``structcov.jax.EquinoxSequential`` of ``EquinoxLinear`` layers (float32)."""
     import jax
     import jax.numpy as jnp
 
-    bound = 1.0 / math.sqrt(d_in)
-    k_w, k_b, k_c = jax.random.split(key, 3)
-    mean = {
-        "weight": jax.random.uniform(k_w, (d_out, d_in), jnp.float32, -bound, bound),
-        "bias": jax.random.uniform(k_b, (d_out,), jnp.float32, -bound, bound),
-    }
-    param = sc.GaussianParameter(mean, factory())
-    param.cov.reset_parameters(bound, generator=k_c)
-    return param
+    import structcov.jax as sj
 
-
-def jax_forward(params: Any, x: Any, sample_shape: Any, key: Any) -> Any:
-    """(S, N, 10) logits: ``structcov.linear`` twice, one key per layer."""
-    import jax
-    import jax.numpy as jnp
-
-    first, second = params
     k1, k2 = jax.random.split(key)
-    hidden = jnp.tanh(sc.linear(x, first, sample_shape, k1))
-    return sc.linear(hidden, second, sample_shape, k2, input_contains_samples=True)
+    return sj.EquinoxSequential(
+        sj.EquinoxLinear(64, HIDDEN, cov=factory, key=k1, dtype=jnp.float32),
+        jnp.tanh,
+        sj.EquinoxLinear(HIDDEN, NUM_CLASSES, cov=factory, key=k2, dtype=jnp.float32),
+    )
 
 
 @functools.cache
-def jax_program(structure: str, cfg_key: tuple[Any, ...]) -> tuple[Any, Any, Any]:
-    """(optimizer, jitted epoch, jitted predict) for one structure, shared by its seeds.
+def jax_program(structure: str, cfg_key: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+    """(optimizer, static part, jitted epoch, jitted predict) for one structure.
 
     Cached so that every seed of a structure reuses one compilation. ``cfg_key`` is
-    (scale_transform, lr, lr_scaling, train_samples, eval_samples, num_train).
+    (scale_transform, lr, lr_scaling, train_samples, eval_samples, num_train,
+    prior_scale). The model is split with ``eqx.partition`` into its arrays (what
+    the scan carries and optax updates) and its static part.
     """
     import operator
 
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
     import optax
 
     import structcov.jax as sj
 
-    scale_transform, lr, lr_scaling, samples, eval_samples, num_train = cfg_key
+    scale_transform, lr, lr_scaling, samples, eval_samples, num_train, prior = cfg_key
     factory = covariance_factory(structure, scale_transform)
+    like, static = eqx.partition(jax_model(jax.random.key(0), factory), eqx.is_array)
     if lr_scaling:
-        like = (init_jax_layer(jax.random.key(0), 64, HIDDEN, factory),
-                init_jax_layer(jax.random.key(0), HIDDEN, NUM_CLASSES, factory))  # fmt: skip
         scales = sj.lr_scaling_tree(like)
         optimizer = optax.chain(
             optax.adam(lr),
@@ -273,21 +259,21 @@ def jax_program(structure: str, cfg_key: tuple[Any, ...]) -> tuple[Any, Any, Any
     else:
         optimizer = optax.adam(lr)
 
-    def loss_fn(params: Any, priors: Any, x: Any, y: Any, key: Any) -> Any:
-        logits = jax_forward(params, x, (samples,), key)
+    def loss_fn(params: Any, x: Any, y: Any, key: Any) -> Any:
+        model = eqx.combine(params, static)
+        logits = model(x, (samples,), key)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.mean(jnp.take_along_axis(log_probs, y[None, :, None], axis=-1))
-        kl = sum(sc.kl_divergence(p, prior) for p, prior in zip(params, priors, strict=True))
-        return nll + kl / num_train
+        return nll + sj.kl_divergence(model, prior) / num_train
 
     @jax.jit
-    def epoch(params: Any, opt_state: Any, priors: Any, x: Any, y: Any, key: Any) -> Any:
+    def epoch(params: Any, opt_state: Any, x: Any, y: Any, key: Any) -> Any:
         """One epoch: a scan of Adam steps over the minibatches ``x`` (B, n, 64), ``y``."""
 
         def step(carry: Any, inputs: Any) -> Any:
             params, opt_state = carry
             xb, yb, key = inputs
-            loss, grads = jax.value_and_grad(loss_fn)(params, priors, xb, yb, key)
+            loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb, key)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -297,32 +283,29 @@ def jax_program(structure: str, cfg_key: tuple[Any, ...]) -> tuple[Any, Any, Any
 
     @jax.jit
     def predict(params: Any, x: Any, key: Any) -> Any:
-        logits = jax_forward(params, x, (eval_samples,), key)
-        return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+        model = eqx.combine(params, static)
+        return sj.predictive(model, x, (eval_samples,), key, probabilities=True)
 
-    return optimizer, epoch, predict
+    return optimizer, static, epoch, predict
 
 
 def run_jax(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argparse.Namespace):
-    """Train and evaluate the JAX model; returns the run record."""
+    """Train and evaluate the JAX (Equinox layers) model; returns the run record."""
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
-    import structcov.jax  # noqa: F401 -- registers the pytrees
-
     num_train = len(data["y_train"])
     cfg_key = (cfg.scale_transform, cfg.lr, cfg.lr_scaling, cfg.train_samples,
-               cfg.eval_samples, num_train)  # fmt: skip
-    optimizer, epoch, predict = jax_program(structure, cfg_key)
+               cfg.eval_samples, num_train, cfg.prior_scale)  # fmt: skip
+    optimizer, static, epoch, predict = jax_program(structure, cfg_key)
     factory = covariance_factory(structure, cfg.scale_transform)
     key = jax.random.key(seed)
-    key, k1, k2 = jax.random.split(key, 3)
-    params = (
-        init_jax_layer(k1, 64, HIDDEN, factory),
-        init_jax_layer(k2, HIDDEN, NUM_CLASSES, factory),
-    )
-    priors = tuple(sc.normal_prior(p, cfg.prior_scale) for p in params)
-    initial_cov = [np.asarray(leaf) for p in params for leaf in jax.tree.leaves(p.cov)]
+    key, k_model = jax.random.split(key)
+    model = jax_model(k_model, factory)
+    params, _ = eqx.partition(model, eqx.is_array)
+    covs = [layer.params.cov for layer in (model.layers[0], model.layers[2])]
+    initial_cov = [np.asarray(leaf) for cov in covs for leaf in jax.tree.leaves(cov)]
     opt_state = optimizer.init(params)
     x_train, y_train = data["x_train"], data["y_train"]
 
@@ -333,7 +316,7 @@ def run_jax(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argpars
         key, sub = jax.random.split(key)
         index = batches(num_train, cfg.batch_size, rng)
         x, y = jnp.asarray(x_train[index]), jnp.asarray(y_train[index])
-        params, opt_state, losses = epoch(params, opt_state, priors, x, y, sub)
+        params, opt_state, losses = epoch(params, opt_state, x, y, sub)
         losses = np.asarray(jax.block_until_ready(losses))
         epoch_seconds.append(time.perf_counter() - start)
         nonfinite_steps += int(np.sum(~np.isfinite(losses)))
@@ -342,9 +325,11 @@ def run_jax(data: dict[str, np.ndarray], structure: str, seed: int, cfg: argpars
     key, sub = jax.random.split(key)
     probs = np.asarray(predict(params, jnp.asarray(data["x_test"]), sub))
     params_finite = all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(params))
-    final_cov = [np.asarray(leaf) for p in params for leaf in jax.tree.leaves(p.cov)]
+    model = eqx.combine(params, static)
+    covs = [layer.params.cov for layer in (model.layers[0], model.layers[2])]
+    final_cov = [np.asarray(leaf) for cov in covs for leaf in jax.tree.leaves(cov)]
     moved = all(not np.array_equal(a, b) for a, b in zip(initial_cov, final_cov, strict=True))
-    storage = {path: np.asarray(v) for p in params for path, v in p.cov.storage().items()}
+    storage = {path: np.asarray(v) for cov in covs for path, v in cov.storage().items()}
     return _record(
         "jax", structure, seed, cfg, data, probs, epoch_seconds, nonfinite_steps,
         last_loss, params_finite, moved, storage,
