@@ -199,10 +199,11 @@ def test_parameter_sized_results_keep_the_means_chunks(structure: str, lazy: Non
                 mean_chunks = param.mean[name].chunks
                 assert leaf.chunks[leaf.ndim - len(mean_chunks) :] == mean_chunks, (label, name)
         elif out.shape[-1] == sum(FLAT_CHUNKS):  # (..., P): the means' chunks, flat order
-            if label == "solve" and structure.startswith("kronecker"):
-                # vec(C_out^-1 X~ C_in^-1) moves the batch into the columns of two factor
-                # solves (one LU per factor): the reshapes regroup the chunks, but the
-                # result stays split (here 12, 12 | 3, 3), never one P-sized chunk.
+            if label in ("solve", "matmul") and structure.startswith("kronecker"):
+                # vec(C_out^+-1 X~ C_in^+-1) moves the batch into the columns of the factor
+                # products (the Gram path of matmul, the inverse factors of solve): the
+                # reshapes regroup the chunks, but the result stays split (here 24 | 6),
+                # never one P-sized chunk.
                 assert len(out.chunks[-1]) > 1, (label, out.chunks)
                 continue
             assert out.chunks[-1] == FLAT_CHUNKS, (label, out.chunks)

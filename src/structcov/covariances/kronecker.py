@@ -342,6 +342,9 @@ class Kronecker(Structure):
         (the batch folded into the columns): the fast shape for BLAS.
         """
         t = _linalg.matmul(xp, left, rows)  # left X~, (d_out, B d_aug)
+        rechunk = getattr(xp, "rechunk", None)
+        if rechunk is not None:  # dask reshapes only along whole chunks; t is small (B P)
+            t = rechunk(t, {0: -1, 1: -1})
         t = xp.reshape(t, (t.shape[1] // self.d_aug * self.d_out, self.d_aug))  # (d_out B, d_aug)
         return xp.matmul(right, xp.matrix_transpose(t))  # (left X~ right^T)^T, (d_aug, d_out B)
 
