@@ -35,7 +35,6 @@ __all__ = [
     "mahalanobis",
     "ratio_excess",
     "register_kl",
-    "scaled_square",
 ]
 
 KLFunction = Callable[[Any, Any, Storage, Any, Storage, Array], Array]
@@ -125,14 +124,6 @@ def ratio_excess(xp: Any, s_q: Array, s_p: Array) -> tuple[Array, Array]:
     excess = xp.where(q_zero | p_zero, edge, excess)
     minus_one = xp.where(q_zero, -xp.ones_like(ratio), (ratio - 1.0) * (ratio + 1.0))
     return excess, minus_one
-
-
-def scaled_square(xp: Any, x: Array, s: Array) -> Array:
-    """(x / s)^2 elementwise, with 0 where x = s = 0 and +inf where only s = 0."""
-    s_zero = s == 0
-    value = (x / xp.where(s_zero, xp.ones_like(s), s)) ** 2
-    edge = xp.where(x == 0, xp.zeros_like(value), xp.full_like(value, math.inf))
-    return xp.where(s_zero, edge, value)
 
 
 def finish(xp: Any, value: Array, infinite: Array, undefined: Array | None = None) -> Array:
