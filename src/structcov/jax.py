@@ -61,6 +61,7 @@ from .covariances._base import StructuredCovariance
 from .functional import sample_shape_of
 from .gaussian import GaussianParameter, normal_prior
 from .gaussian import kl_divergence as _core_kl
+from .layers import deterministic_forward as _deterministic_forward
 from .layers import linear as _linear
 from .parametrizations import LayerType, Parametrization, Standard, check_layer_type, fans
 
@@ -318,7 +319,7 @@ class _LayerMethods(_Sampled):
         if params.mean["bias"] is not None:
             out = out + params.mean["bias"]
         return _deterministic_forward(
-            out, x, sample_shape, input_contains_samples, parameter_samples
+            out, x, sample_shape, input_contains_samples, parameter_samples, "x"
         )
 
 
@@ -407,7 +408,7 @@ class _ConvMethods(_LayerMethods):
             out = out + jnp.reshape(params.mean["bias"], (-1,) + (1,) * n)
         out = jnp.reshape(out, (*x.shape[: x.ndim - len(item)], *out.shape[1:]))
         return _deterministic_forward(
-            out, x, sample_shape, input_contains_samples, parameter_samples
+            out, x, sample_shape, input_contains_samples, parameter_samples, "x"
         )
 
 
@@ -504,32 +505,6 @@ def _initial_params(
     param = GaussianParameter(mean, _core_covariance(cov))
     param.cov.reset_parameters({name: scales[name] for name in param.names}, generator=cov_key)
     return param
-
-
-def _deterministic_forward(
-    out: Any,
-    x: Any,
-    sample_shape: Any,
-    input_contains_samples: bool,
-    parameter_samples: Any,
-) -> Any:
-    if parameter_samples is not None:
-        raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
-    if sample_shape is None:
-        if input_contains_samples:
-            raise ValueError(
-                "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
-            )
-        return out
-    shape = sample_shape_of(sample_shape)
-    if input_contains_samples:
-        if tuple(x.shape[: len(shape)]) != shape:
-            raise ValueError(
-                f"`x` must start with the sample_shape {shape} "
-                f"(input_contains_samples=True), got shape {tuple(x.shape)}"
-            )
-        return out
-    return jnp.broadcast_to(out, (*shape, *out.shape))
 
 
 def _sequential_forward(

@@ -79,6 +79,41 @@ def _projection(structure: Structure) -> _Projection | None:
     return None
 
 
+def deterministic_forward(
+    out: Any,
+    x: Any,
+    sample_shape: Any,
+    input_contains_samples: bool,
+    parameter_samples: Any,
+    argument: str = "input",
+) -> Any:
+    """A deterministic layer's output ``out`` (computed once from the means) over samples.
+
+    Shared by the adapters' layers built with ``cov=None``: ``sample_shape=None`` returns
+    ``out``; with ``input_contains_samples`` the input ``x`` (named ``argument`` in the
+    errors) must start with ``sample_shape`` and ``out`` already carries it; otherwise
+    ``out`` is broadcast to ``(*sample_shape, *out.shape)`` (a view: no copy).
+    ``parameter_samples`` is refused.
+    """
+    if parameter_samples is not None:
+        raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
+    if sample_shape is None:
+        if input_contains_samples:
+            raise ValueError(
+                "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
+            )
+        return out
+    shape = sample_shape_of(sample_shape)
+    if input_contains_samples:
+        if tuple(x.shape[: len(shape)]) != shape:
+            raise ValueError(
+                f"`{argument}` must start with the sample_shape {shape} "
+                f"(input_contains_samples=True), got shape {tuple(x.shape)}"
+            )
+        return out
+    return namespace(out).broadcast_to(out, (*shape, *out.shape))
+
+
 def _plan(structure: Structure, num_samples: int, num_rows: int, per_sample_input: bool) -> Plan:
     """Which evaluation of a sampled forward is cheaper, from static shapes only.
 

@@ -49,6 +49,7 @@ from .convolution import conv as _conv
 from .covariances import CovarianceMethods, StructuredCovariance
 from .covariances._structure import Storage, Structure
 from .functional import sample_shape_of
+from .layers import deterministic_forward as _deterministic_forward
 from .layers import linear as _linear
 from .parametrizations import LayerType, Parametrization, Standard, check_layer_type, fans
 
@@ -551,32 +552,6 @@ class _Layer(_Sampled):
                 generator=None,
             )
 
-    def _deterministic_forward(
-        self,
-        out: torch.Tensor,
-        input: torch.Tensor,
-        sample_shape: Any,
-        input_contains_samples: bool,
-        parameter_samples: Any,
-    ) -> torch.Tensor:
-        if parameter_samples is not None:
-            raise ValueError("a deterministic layer (cov=None) takes no `parameter_samples`")
-        if sample_shape is None:
-            if input_contains_samples:
-                raise ValueError(
-                    "`input_contains_samples` needs a `sample_shape`, got sample_shape=None"
-                )
-            return out
-        shape = sample_shape_of(sample_shape)
-        if input_contains_samples:
-            if tuple(input.shape[: len(shape)]) != shape:
-                raise ValueError(
-                    f"`input` must start with the sample_shape {shape} "
-                    f"(input_contains_samples=True), got shape {tuple(input.shape)}"
-                )
-            return out
-        return out.expand(*shape, *out.shape)
-
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -724,7 +699,7 @@ class Linear(_Layer):
                 ),
             )
         out = nn.functional.linear(input, self.weight, self.bias)
-        return self._deterministic_forward(
+        return _deterministic_forward(
             out, input, sample_shape, input_contains_samples, parameter_samples
         )
 
@@ -846,7 +821,7 @@ class _ConvNd(_Layer):
             input.reshape(-1, *item), self.weight, self.bias, **options
         )  # the means, once, with torch's own convolution
         out = out.reshape(*input.shape[: input.ndim - len(item)], *out.shape[1:])
-        return self._deterministic_forward(
+        return _deterministic_forward(
             out, input, sample_shape, input_contains_samples, parameter_samples
         )
 
