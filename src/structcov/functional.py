@@ -36,7 +36,7 @@ from ._array_api import (
 )
 from ._layout import normalize_mean
 from ._random import standard_normal, standard_normals
-from .covariances._kl import kl_function
+from .covariances._kl import kl_function, kl_to_normal_function
 from .covariances._structure import (
     Storage,
     Structure,
@@ -59,6 +59,7 @@ __all__ = [
     "flat_mean",
     "flatten",
     "kl_divergence",
+    "kl_to_normal",
     "log_prob",
     "logdet",
     "matmul",
@@ -680,3 +681,28 @@ def kl_divergence(
     difference = flat_mean(p_structure, p_mean) - flat_mean(q_structure, q_mean)
     function = kl_function(type(q_structure), type(p_structure))
     return function(xp, q_structure, q_storage, p_structure, p_storage, difference)
+
+
+def kl_to_normal(
+    structure: Structure, storage: Storage, mean: Mapping[str, Array], scale: float
+) -> Array:
+    """KL(N(mean, Sigma) || N(0, scale^2 I)) for a Python float ``scale`` > 0, a 0-D array.
+
+    The same value as ``kl_divergence`` against ``normal_prior(q, scale)``, without
+    building that prior: O(P) elementwise for a diagonal q, else q's ``trace`` and
+    ``logdet`` only (KL = 0.5 [tr/c - P + P log c - log det Sigma + |m|^2 / c],
+    c = scale^2, summed as non-negative terms; see
+    ``structcov.covariances._kl._kl_to_normal_generic``). ``+inf`` for a singular q.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"`scale` must be a float > 0, got {scale!r}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"`scale` must be a finite float > 0, got {scale!r}")
+    means = [mean[name] for name in structure.layout.names]
+    reference = reference_array(structure, storage)
+    xp = namespace(reference, *means, argument="`mean` and `storage`")
+    if any(m.dtype != reference.dtype for m in means):
+        raise TypeError(f"`mean` must have the storage's dtype {reference.dtype}")
+    function = kl_to_normal_function(type(structure))
+    return function(xp, structure, storage, means, scale)

@@ -266,10 +266,25 @@ def kl_divergence(q: Any, p: Any) -> Array:
     a Kronecker p; the mixed-product rule for two Kronecker structures. The cost
     and memory of each pair are tabulated on the Concepts page.
 
+    ``p`` may also be a float ``sigma`` > 0, the prior N(0, sigma^2 I): the same value
+    as against ``normal_prior(q, sigma)``, computed without building that prior
+    (`structcov.functional.kl_to_normal`: O(P) elementwise for a diagonal q, else q's
+    trace and log-determinant), the cheapest form for a training loop's KL term.
+
     ``q`` and ``p`` are core `GaussianParameter` s or an adapter's modules. ``+inf``
     exactly when one side is singular by construction (e.g. low rank with rank < P)
     and the other is not: q is then not absolutely continuous with respect to p (or
     log det Sigma_q = -inf). Both singular raises ``ValueError`` (finite only for
     equal supports, which is not decided in floating point).
     """
+    if not isinstance(p, bool) and isinstance(p, numbers.Real):
+        sigma = float(p)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(
+                "`p` as a number is sigma of the prior N(0, sigma^2 I) and must be a finite "
+                f"float >= 0, got {p!r}"
+            )
+        if sigma == 0:  # N(0, 0): singular, decided by the structured path
+            return F.kl_divergence(_gaussian(q, "q")._parts(), normal_prior(q, 0.0)._parts())
+        return F.kl_to_normal(*_gaussian(q, "q")._parts(), sigma)
     return F.kl_divergence(_gaussian(q, "q")._parts(), _gaussian(p, "p")._parts())

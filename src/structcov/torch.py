@@ -350,15 +350,15 @@ def kl_divergence(q: Any, p: Any) -> torch.Tensor:
       `Sequential` of `Linear` layers): the sum of each one's KL. Deterministic
       layers (``cov=None``) take no part.
 
-    ``p`` is then a float ``sigma`` — each parameter's prior is
-    ``normal_prior(q_i, sigma)`` = N(0, sigma^2 I), built on each call — or a model of
+    ``p`` is then a float ``sigma`` — each parameter's prior is N(0, sigma^2 I), the
+    value of ``normal_prior(q_i, sigma)`` computed without building it — or a model of
     the same layout, whose `GaussianParameter` s are paired with ``q`` 's by module
     path (the same paths on both sides, else ``ValueError``).
     """
     if isinstance(q, _gaussian.GaussianMethods) and not _is_scale(p):
         return cast(torch.Tensor, _gaussian.kl_divergence(q, p))
     if isinstance(q, _gaussian.GaussianMethods):
-        return cast(torch.Tensor, _gaussian.kl_divergence(q, _gaussian.normal_prior(q, p)))
+        return cast(torch.Tensor, _gaussian.kl_divergence(q, p))
     if not isinstance(q, nn.Module):
         raise TypeError(
             "`q` must be a structcov GaussianParameter or an nn.Module holding "
@@ -371,10 +371,7 @@ def kl_divergence(q: Any, p: Any) -> torch.Tensor:
             "(a model of deterministic layers has no KL)"
         )
     if _is_scale(p):
-        terms = [
-            _gaussian.kl_divergence(part, _gaussian.normal_prior(part, p))
-            for part in q_parts.values()
-        ]
+        terms = [_gaussian.kl_divergence(part, p) for part in q_parts.values()]
     elif isinstance(p, nn.Module):
         p_parts = _gaussian_modules(p)
         if set(p_parts) != set(q_parts):

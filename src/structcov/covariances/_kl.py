@@ -30,11 +30,14 @@ from ._structure import (
 
 __all__ = [
     "KLFunction",
+    "KLToNormalFunction",
     "finish",
     "kl_function",
+    "kl_to_normal_function",
     "mahalanobis",
     "ratio_excess",
     "register_kl",
+    "register_kl_to_normal",
 ]
 
 KLFunction = Callable[[Any, Any, Storage, Any, Storage, Array], Array]
@@ -42,6 +45,13 @@ _F = TypeVar("_F", bound=KLFunction)
 
 #: (type of q, type of p) -> KL function
 _REGISTRY: dict[tuple[type, type], KLFunction] = {}
+
+#: ``(xp, q, q_storage, means, scale) -> KL(q || N(0, scale^2 I))``, ``means`` the
+#: per-name mean arrays in layout order and ``scale`` a Python float > 0.
+KLToNormalFunction = Callable[[Any, Any, Storage, list[Array], float], Array]
+_G = TypeVar("_G", bound=KLToNormalFunction)
+#: type of q -> KL to the isotropic prior
+_TO_NORMAL: dict[type, KLToNormalFunction] = {}
 
 
 def register_kl(q_type: type, p_type: type) -> Callable[[_F], _F]:
@@ -67,6 +77,28 @@ def kl_function(q_type: type, p_type: type) -> KLFunction:
     raise NotImplementedError(
         f"no KL divergence is registered for the pair ({q_type.__name__}, {p_type.__name__}); "
         "register one with structcov.covariances._kl.register_kl"
+    )
+
+
+def register_kl_to_normal(q_type: type) -> Callable[[_G], _G]:
+    """Register the decorated function as KL(q || N(0, scale^2 I)) for structures of
+    ``q_type`` (the prior of every VI step, with ``scale`` a known Python float)."""
+
+    def decorate(function: _G) -> _G:
+        _TO_NORMAL[q_type] = function
+        return function
+
+    return decorate
+
+
+def kl_to_normal_function(q_type: type) -> KLToNormalFunction:
+    """The most specific registered KL to N(0, scale^2 I) along q's MRO."""
+    for q_class in q_type.__mro__:
+        found = _TO_NORMAL.get(q_class)
+        if found is not None:
+            return found
+    raise NotImplementedError(  # pragma: no cover -- Structure itself is registered below
+        f"no KL to N(0, scale^2 I) is registered for {q_type.__name__}"
     )
 
 
@@ -153,3 +185,37 @@ def _kl_generic(
     solved = assemble(xp, p.solve_blocks(xp, p_storage, p_state, split_flat(p, columns)))
     trace = xp.sum(columns * solved)
     return kl_from_trace(xp, trace, q, q_storage, p, p_storage, p_state, difference)
+
+
+@register_kl_to_normal(Structure)
+def _kl_to_normal_generic(
+    xp: Any, q: Structure, q_storage: Storage, means: list[Array], scale: float
+) -> Array:
+    """KL(q || N(0, c I)), c = scale^2, from q's trace and log-determinant only: O(cost of
+    ``trace`` + ``logdet``), no P-sized temporary beyond q's own operations.
+
+    KL = 0.5 [tr/c - P + P log c - log det Sigma_q + |m|^2 / c], evaluated as a sum of
+    three non-negative terms so that float32 does not cancel two P-sized sums:
+    P (t - 1 - log t) with t = tr / (P c) (the spread of the mean eigenvalue, written
+    (r - 1)(r + 1) - 2 log r, r = sqrt t, accurate near t = 1), P log(tr / P) - log det
+    Sigma_q (>= 0 by the AM-GM inequality on the eigenvalues), and |m / scale|^2.
+    ``+inf`` where exact: a singular q (log det = -inf), a zero or overflowing trace.
+    """
+    num = q.num_params
+    trace = q.trace(xp, q_storage)
+    edge = (trace == 0) | (trace == math.inf)  # NaN is neither: it propagates
+    safe = xp.where(edge, xp.ones_like(trace), trace)
+    r = xp.sqrt(safe / (num * scale * scale))
+    spread = num * ((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r))
+    gap = num * xp.log(safe / num) - logdet_of(xp, q, q_storage)
+    mean = _mean_term(xp, means, scale)
+    return finish(xp, 0.5 * (spread + gap + mean), edge)
+
+
+def _mean_term(xp: Any, means: list[Array], scale: float) -> Array:
+    """|m / scale|^2 over every mean (divided first: m^2 overflows in float32 first)."""
+    parts = [xp.sum((m / scale) ** 2) for m in means]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
