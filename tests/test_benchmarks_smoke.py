@@ -169,3 +169,22 @@ def test_train_step_smoke_run_reports_every_structure() -> None:
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[3]) > 0, row  # structcov and native timed
+
+
+def test_lrpd_peers_smoke_run_agrees_with_float64() -> None:
+    """``benchmarks/lrpd_peers.py --smoke``: structcov's low rank plus diagonal against
+    torch.distributions.LowRankMultivariateNormal; the script exits 1 if structcov's
+    log_prob or KL disagrees with its float64 reference."""
+    if _session_backend() != "torch":
+        pytest.skip("benchmarks/lrpd_peers.py compares CPU torch distributions (torch session)")
+    script = ROOT / "benchmarks" / "lrpd_peers.py"
+    command = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"lrpd_peers failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    rows = [
+        line for line in done.stdout.splitlines() if line.startswith(("| sample", "| log", "| kl"))
+    ]
+    assert len(rows) == 7, done.stdout  # sample, log_prob: 2 each; kl: 3
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[3]) > 0, row  # timed against torch
