@@ -67,6 +67,7 @@ from .parametrizations import LayerType, Parametrization, Standard, check_layer_
 
 __all__ = [
     "DeterministicParameter",
+    "bayesian",
     "equinox_module",
     "kl_divergence",
     "lr_scaling_tree",
@@ -730,11 +731,11 @@ def kl_divergence(model: Any, prior: Any) -> Any:
         ``eqx.filter``), or a Flax ``nnx.Module`` holding `NNXLinear` layers or
         `nnx_module` wrappers. Deterministic layers (``cov=None``) take no part.
     prior
-        A float ``sigma``: each parameter's prior is ``normal_prior(q_i, sigma)`` =
-        N(0, sigma^2 I). Or a model of the same layout (the same kind of
-        container), whose `GaussianParameter` s are paired with ``model`` 's by
-        tree path (the same paths on both sides, else ``ValueError``); a single
-        `GaussianParameter` for a single one.
+        A float ``sigma``: each parameter's prior is N(0, sigma^2 I), the value of
+        ``normal_prior(q_i, sigma)`` computed without building it. Or a model of the
+        same layout (the same kind of container), whose `GaussianParameter` s are
+        paired with ``model`` 's by tree path (the same paths on both sides, else
+        ``ValueError``); a single `GaussianParameter` for a single one.
 
     Returns
     -------
@@ -750,7 +751,7 @@ def kl_divergence(model: Any, prior: Any) -> Any:
             "(a model of deterministic layers has no KL)"
         )
     if _is_scale(prior):
-        terms = [_core_kl(q, normal_prior(q, prior)) for q in q_parts.values()]
+        terms = [_core_kl(q, prior) for q in q_parts.values()]
     else:
         p_parts = {} if isinstance(prior, (str, bytes)) else _gaussian_parts(prior)
         if not p_parts:
@@ -1440,6 +1441,267 @@ def _nnx_layer_classes() -> dict[str, type[Any]]:
             **conv_classes,
         }
     )
+
+
+# ------------------------------------------------------------------ conversion
+@functools.cache
+def _equinox_converters() -> dict[type, Callable[..., Any]]:
+    """Deterministic Equinox layer type -> builder of its structcov layer (with its means)."""
+    import equinox as eqx
+
+    return {
+        eqx.nn.Linear: _equinox_linear_from,
+        eqx.nn.Conv: _equinox_conv_from,
+        eqx.nn.Conv1d: _equinox_conv_from,
+        eqx.nn.Conv2d: _equinox_conv_from,
+        eqx.nn.Conv3d: _equinox_conv_from,
+    }
+
+
+_CONVERTIBLE = "equinox.nn.Linear, equinox.nn.Conv1d/2d/3d"
+
+
+def _with_means(layer: Any, weight: Any, bias: Any) -> Any:
+    """``layer`` with its means replaced by ``weight`` and ``bias`` (the same arrays)."""
+    import equinox as eqx
+
+    if bias is None:
+        return eqx.tree_at(lambda m: m.params.mean["weight"], layer, weight)
+    return eqx.tree_at(
+        lambda m: (m.params.mean["weight"], m.params.mean["bias"]), layer, (weight, bias)
+    )
+
+
+def _equinox_linear_from(path: str, module: Any, cov: Any, key: Any, **options: Any) -> Any:
+    if "scalar" in (module.in_features, module.out_features):
+        raise ValueError(
+            f"the equinox.nn.Linear at {path!r} has in_features={module.in_features!r}, "
+            f"out_features={module.out_features!r}: structcov layers take (*batch, features) "
+            "inputs, not 'scalar' ones"
+        )
+    layer = _equinox_layer_classes()["EquinoxLinear"](
+        module.in_features,
+        module.out_features,
+        module.use_bias,
+        cov=cov,
+        key=key,
+        dtype=module.weight.dtype,
+        **options,
+    )
+    return _with_means(layer, module.weight, module.bias)
+
+
+def _equinox_conv_padding(path: str, module: Any) -> str | tuple[int, ...]:
+    """An Equinox convolution's padding as structcov's (torch's): symmetric ints or "same"."""
+    n, padding = module.num_spatial_dims, module.padding
+    where = f"the equinox.nn.Conv{n}d at {path!r}"
+    if isinstance(padding, str) and padding != "VALID":  # "SAME" / "SAME_LOWER"
+        if any(s != 1 for s in module.stride):
+            raise ValueError(
+                f"{where} has padding={padding!r} with stride {module.stride}: Equinox then "
+                "pads by the input's size, structcov layers need a static padding"
+            )
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation, strict=True)]
+        low = [t // 2 if padding == "SAME" else t - t // 2 for t in totals]
+        pairs = [(lo, t - lo) for lo, t in zip(low, totals, strict=True)]
+    elif isinstance(padding, str):
+        pairs = [(0, 0)] * n
+    else:
+        pairs = [(int(lo), int(hi)) for lo, hi in padding]
+    if module.padding_mode != "ZEROS" and any(pair != (0, 0) for pair in pairs):
+        raise ValueError(
+            f"{where} has padding_mode={module.padding_mode!r}: structcov convolutions pad "
+            "with zeros only"
+        )
+    if all(lo == hi for lo, hi in pairs):
+        return tuple(lo for lo, _ in pairs)
+    if padding == "SAME":
+        return "same"  # d (k - 1) // 2 before, the rest after: Equinox's split
+    raise ValueError(
+        f"{where} pads asymmetrically ({tuple(pairs)}): structcov convolutions pad the same "
+        "amount on both sides (or padding='same')"
+    )
+
+
+def _equinox_conv_from(path: str, module: Any, cov: Any, key: Any, **options: Any) -> Any:
+    n = module.num_spatial_dims
+    if n not in (1, 2, 3):
+        raise ValueError(
+            f"the equinox.nn.Conv at {path!r} has {n} spatial dimensions: structcov has "
+            "convolution layers for 1, 2 and 3"
+        )
+    padding = _equinox_conv_padding(path, module)
+    layer = _equinox_layer_classes()[f"EquinoxConv{n}d"](
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        module.stride,
+        padding,
+        module.dilation,
+        module.groups,
+        module.use_bias,
+        cov=cov,
+        key=key,
+        dtype=module.weight.dtype,
+        **options,
+    )
+    bias = None if module.bias is None else jnp.reshape(module.bias, (module.out_channels,))
+    return _with_means(layer, module.weight, bias)
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _equinox_walk(
+    node: Any,
+    path: str,
+    visit: Callable[[str, Any], Any],
+    sequential: Callable[[Any, list[Any]], Any],
+) -> Any:
+    """``node`` with every convertible layer ``m`` at ``path`` replaced by ``visit(path, m)``
+    and every ``equinox.nn.Sequential`` ``s`` by ``sequential(s, converted layers)``, in
+    pytree order. Paths join attribute names, sequence indices and dict keys with ``"."``;
+    the layers of a Sequential are ``"0"``, ``"1"``, ... (as in torch's ``named_modules``)."""
+    import equinox as eqx
+
+    converters = _equinox_converters()
+
+    def stop(x: Any) -> bool:
+        return type(x) in converters or type(x) is eqx.nn.Sequential
+
+    def join(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    if type(node) in converters:
+        return visit(path, node)
+    if type(node) is eqx.nn.Sequential:
+        layers = [
+            _equinox_walk(layer, join(str(i)), visit, sequential)
+            for i, layer in enumerate(node.layers)
+        ]
+        return sequential(node, layers)
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=stop)
+    if not any(stop(leaf) for _, leaf in pairs):
+        return node
+    leaves = [
+        _equinox_walk(leaf, join(".".join(_key_name(k) for k in keys)), visit, sequential)
+        if stop(leaf)
+        else leaf
+        for keys, leaf in pairs
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def bayesian(
+    model: Any,
+    cov: StructuredCovariance | Callable[[], StructuredCovariance] | None,
+    *,
+    key: Any,
+    only: Iterable[str] | Callable[[str, Any], bool] | None = None,
+    parametrization: Parametrization = Standard(),  # noqa: B008 -- immutable
+) -> Any:
+    """A Bayesian copy of a deterministic Equinox ``model``: its layers with Gaussian parameters.
+
+    The counterpart of ``structcov.torch.bayesian``. Every ``equinox.nn.Linear`` (and
+    ``equinox.nn.Conv1d/2d/3d``) selected by ``only`` becomes the structcov layer of the
+    same shape (`EquinoxLinear`, ``EquinoxConv1d/2d/3d``) with a covariance from ``cov``
+    (a zero-argument callable, called once per layer, or one covariance object for a
+    single layer), its means the model's weight and bias (the same arrays; a convolution's
+    bias ``(out, 1, ...)`` becomes ``(out,)``) and its covariance reset at the
+    parametrization's scales, as the layer constructors do. ``cov=None`` makes them
+    deterministic structcov layers. Every ``equinox.nn.Sequential`` becomes an
+    `EquinoxSequential` (so ``sample_shape`` and ``key`` reach the layers; other layers
+    such as ``equinox.nn.Lambda(jax.nn.relu)`` are kept and called as ``f(x)``).
+    ``model`` is not changed (Equinox modules are immutable; the arrays are shared).
+
+    Unlike torch, an unselected convertible layer becomes a *deterministic* structcov
+    layer (``cov=None``) with the same weights, not the Equinox layer itself: Equinox
+    layers take one example (``(in_features,)``), structcov layers take
+    ``(*sample_shape, *batch, in_features)``, so only that keeps the converted model's
+    batched and sampled forwards working.
+
+    ``only``: ``None`` selects every convertible layer; an iterable of paths (attribute
+    names, sequence indices and dict keys joined by ``"."``; the layers of a Sequential
+    are ``"0"``, ``"1"``, ..., e.g. ``["fc"]``, ``["body.2"]``, or ``["4"]`` for the last
+    layer of a Sequential) or a predicate ``(path, layer) -> bool`` selects some. A path
+    that names no convertible layer raises ``ValueError``. Layer types for the
+    parametrization: the first selected layer in model (pytree) order is ``"input"``, the
+    last ``"output"`` (a single one: ``"output"``), the rest ``"hidden"``; an unselected
+    layer gets the type of its position among all convertible layers.
+
+    ``key``: a JAX PRNG key, split once per convertible layer in model order
+    (``jax.random.split(key, n)``); layer ``i`` is built with ``keys[i]``, so its
+    covariance starts as that of the layer constructor with that key.
+
+    Convolutions must pad with zeros, symmetrically or as ``"SAME"`` at stride 1
+    (``ValueError`` otherwise). Layers inside your own ``equinox.Module`` are called by
+    its ``__call__``: ``layer(x, key=k)`` is one parameter draw (``sample_shape=()``),
+    ``layer(x, None)`` the mean. Imports equinox (``ImportError`` without it).
+    """
+    nnx_module = _nnx_module_type()
+    if nnx_module is not None and isinstance(model, nnx_module):
+        raise TypeError(
+            "`model` is a Flax NNX module: structcov.jax.bayesian converts Equinox models "
+            "(build NNX models from NNXLinear / NNXConv / NNXSequential directly)"
+        )
+    if key is None:
+        raise TypeError("`key` must be a JAX PRNG key (e.g. jax.random.key(0)), got None")
+    found: list[tuple[str, Any]] = []
+
+    def record(path: str, layer: Any) -> Any:
+        found.append((path, layer))
+        return layer
+
+    _equinox_walk(model, "", record, lambda s, layers: s)
+    if only is None:
+        selected = [path for path, _ in found]
+    elif callable(only):
+        selected = [path for path, layer in found if only(path, layer)]
+    else:
+        wanted = list(only)
+        paths = [path for path, _ in found]
+        unknown = [path for path in wanted if path not in paths]
+        if unknown:
+            raise ValueError(
+                f"`only` names no convertible layer ({_CONVERTIBLE}) at {unknown}; "
+                f"the convertible layers are at {paths}"
+            )
+        selected = [path for path in paths if path in set(wanted)]
+    if not selected:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no layer to convert ({_CONVERTIBLE}) "
+            "among the selected ones"
+        )
+    if isinstance(cov, StructuredCovariance) and len(selected) > 1:
+        raise ValueError(
+            f"one covariance object belongs to one layer, but {len(selected)} layers are "
+            "selected: pass a zero-argument callable (e.g. structcov.DiagonalCovariance)"
+        )
+    order = [path for path, _ in found]
+    types: dict[str, LayerType] = {path: "hidden" for path in order}
+    types[order[0]], types[order[-1]] = "input", "output"
+    types.update({path: "hidden" for path in selected})
+    types[selected[0]] = "input"
+    types[selected[-1]] = "output"
+    keys = dict(zip(order, jax.random.split(key, len(order)), strict=True))
+    chosen = set(selected)
+    sequential_class = _equinox_layer_classes()["EquinoxSequential"]
+
+    def convert(path: str, layer: Any) -> Any:
+        return _equinox_converters()[type(layer)](
+            path,
+            layer,
+            cov if path in chosen else None,
+            keys[path],
+            layer_type=types[path],
+            parametrization=parametrization,
+        )
+
+    return _equinox_walk(model, "", convert, lambda s, layers: sequential_class(*layers))
 
 
 _LAZY_CLASSES: dict[str, Callable[[], type[Any]]] = {
