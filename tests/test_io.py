@@ -296,6 +296,7 @@ def test_file_layout_and_header(tmp_path: Path) -> None:
     (record,) = header["parameters"]
     assert record == {
         "prefix": "",
+        "kind": "gaussian",
         "covariance": "KroneckerCovariance",
         "config": {"input_rank": 2, "output_rank": 1, "sample_scale": 0.25},
         "structure": {
@@ -494,7 +495,7 @@ def test_tampered_header_json(tmp_path: Path, raw: str, message: str) -> None:
 def _changed(header: dict[str, Any], change: str) -> dict[str, Any]:
     record = header["parameters"][0]
     if change == "newer-version":
-        header["version"] = 3
+        header["version"] = 4
     elif change == "version-string":
         header["version"] = "1"
     elif change == "extra-field":
@@ -534,11 +535,19 @@ def _changed(header: dict[str, Any], change: str) -> dict[str, Any]:
         record["means"] = [["weight", None], ["bias", None]]
     elif change == "not-a-layer":
         record["means"][0][0] = "kernel"
+    elif change == "record-kind":
+        record["kind"] = "bayesian"
+    elif change == "no-record-kind":
+        del record["kind"]
+    elif change == "kind-in-version-2":
+        header["version"] = 2
+    elif change == "deterministic-with-covariance":
+        record["kind"] = "deterministic"
     return header
 
 
 BAD_HEADERS = {
-    "newer-version": "unknown format version 3: .*written by a newer structcov",
+    "newer-version": "unknown format version 4: .*written by a newer structcov",
     "version-string": "unknown format version '1'",
     "extra-field": "must be an object with the fields",
     "kind": "header 'kind' must be",
@@ -560,6 +569,10 @@ BAD_HEADERS = {
     "repeated-mean": "'means' repeats a name",
     "no-means": "at least one mean",
     "not-a-layer": "does not describe a valid KroneckerCovariance: KroneckerCovariance needs",
+    "record-kind": "'kind' must be one of \\['gaussian', 'deterministic'\\].*got 'bayesian'",
+    "no-record-kind": "'kind' must be one of .*got None",
+    "kind-in-version-2": "must be an object with the fields",  # versions 1, 2: no kind
+    "deterministic-with-covariance": "must be an object with the fields \\['dtype', 'kind'",
 }
 
 
@@ -602,6 +615,7 @@ def test_version_1_files_hold_raw_scales(tmp_path: Path, kind: str) -> None:
         header["parameters"][0]["structure"]["config"],
     ):
         del config["scale_transform"]  # as version 1 wrote it
+    del header["parameters"][0]["kind"]  # version 1 records are Gaussian, without a kind
     _rewrite(path, header)
     loaded = sio.load(path)
     assert loaded.cov.scale_transform == "identity"
@@ -819,7 +833,7 @@ def test_torch_model_with_several_parameters(tmp_path: Path) -> None:
     Model().load_state_dict(state)
 
     model.head = torch.nn.Linear(2, 1)
-    with pytest.raises(TypeError, match=r"Gaussian parameters only.*'head.weight', 'head.bias'"):
+    with pytest.raises(TypeError, match=r"structcov parameters only.*'head.weight', 'head.bias'"):
         sio.save(path, model)
     with pytest.raises(TypeError, match=r"holds no structcov.torch.GaussianParameter"):
         sio.save(path, torch.nn.Sequential())
@@ -905,7 +919,479 @@ def test_jax_pytrees_and_wrappers(tmp_path: Path) -> None:
             q: Any
             head: Any
 
-        with pytest.raises(TypeError, match=r"Gaussian parameters only.*\['head'\]"):
+        with pytest.raises(TypeError, match=r"structcov parameters only.*\['head'\]"):
             sio.save(path, Mixed(scj.equinox_module(a), jnp.zeros(2)))
     if reasons:
         pytest.skip(f"some wrappers not tested: {reasons}")
+
+
+# ------------------------------------------------------------------ layers (version 3)
+def _deterministic_header(path: Path) -> dict[str, Any]:
+    """``path``'s header with a deterministic record ``head`` added (as `save` writes one)."""
+    header = _header(path)
+    header["parameters"].append(
+        {
+            "prefix": "head",
+            "kind": "deterministic",
+            "means": [["weight", [2, 3]], ["bias", None]],
+            "dtype": "float32",
+        }
+    )
+    return header
+
+
+@numpy_session
+def test_deterministic_records(tmp_path: Path) -> None:
+    """A deterministic record holds means only; `load` gives them as a dict (None kept),
+    whatever the backend; a bad record is refused with what is wrong."""
+    path = tmp_path / "layers.safetensors"
+    q = _numpy_param("diagonal", "float32")
+    sio.save(path, {"q": q})
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensors = {**safetensors.numpy.load_file(str(path)), "head.mean.weight": weight}
+    _rewrite(path, _deterministic_header(path), tensors=tensors)
+    loaded = sio.load(path)
+    assert list(loaded) == ["q", "head"]
+    assert_same_storage(q, loaded["q"], "numpy")
+    assert type(loaded["head"]) is dict and list(loaded["head"]) == ["weight", "bias"]
+    assert loaded["head"]["bias"] is None
+    assert loaded["head"]["weight"].tobytes() == weight.tobytes()
+    if _like_reason("array_api_strict") is None:
+        strict = sio.load(path, like="array_api_strict")["head"]["weight"]
+        assert backend_name(namespace(strict)) == "array_api_strict"
+
+    bad = {
+        "extra-field": ({"storage": []}, "must be an object with the fields"),
+        "no-means": ({"means": [["weight", None]]}, "at least one mean"),
+        "dtype": ({"dtype": "int8"}, "'dtype' must be one of"),
+        "prefix": ({"prefix": 3}, "'prefix' must be a string"),
+    }
+    good = _header(path)
+    for change, message in bad.values():
+        header = json.loads(json.dumps(good))
+        header["parameters"][1] = header["parameters"][1] | change
+        _rewrite(path, header, tensors=tensors)
+        with pytest.raises(ValueError, match=rf"{INVALID}: .*{message}"):
+            sio.load(path)
+    # Its tensors are checked like any other.
+    _rewrite(path, good, tensors={**tensors, "head.mean.weight": weight.T})
+    with pytest.raises(ValueError, match=r"'head.mean.weight' of parameter 'head' has shape"):
+        sio.load(path)
+
+
+@numpy_session
+def test_version_2_files_are_read(tmp_path: Path) -> None:
+    """A version 2 file (Gaussian records without ``kind``) loads as it did."""
+    path = tmp_path / "v2.safetensors"
+    param = _numpy_param("lowrank+diag-2", "float64")
+    sio.save(path, {"a": param})
+    header = _header(path)
+    header["version"] = 2
+    for record in header["parameters"]:
+        del record["kind"]
+    _rewrite(path, header)
+    assert_same_storage(param, sio.load(path)["a"], "numpy")
+    assert_same_storage(param, sio.load_into(path, [param])[0], "numpy")
+
+
+@numpy_session
+def test_top_level_save_and_load(tmp_path: Path) -> None:
+    """``structcov.save`` / ``structcov.load`` are `structcov.io`'s, imported on call."""
+    path = tmp_path / "p.safetensors"
+    param = _numpy_param("kronecker-2x1", "float32")
+    sc.save(path, param)
+    assert_same_storage(param, sc.load(path, like="numpy"), "numpy")
+    assert sc.load(path, device="cpu").names == param.names
+    code = (
+        "import sys, structcov\n"
+        "assert callable(structcov.save) and callable(structcov.load)\n"
+        "assert 'structcov.io' not in sys.modules and 'safetensors' not in sys.modules\n"
+        "assert 'numpy' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@numpy_session
+def test_load_into_core_parameters(tmp_path: Path) -> None:
+    """A core parameter (any backend, no JAX needed) or a mapping/list of them: a new one
+    of the target's own class over the file's arrays; the target is left as it was."""
+    path = tmp_path / "p.safetensors"
+    saved = {"a": _numpy_param("kronecker-2x1", "float32"), "b": _numpy_param("diagonal")}
+    sio.save(path, saved)
+    a = _numpy_param("kronecker-2x1", "float32")
+    a.cov.reset_parameters(0.7, generator=np.random.default_rng(5))
+    before = a.cov.storage()["output_factor"].copy()
+    b = _numpy_param("diagonal")
+    filled = sio.load_into(path, {"x": a, "y": (b,)})
+    assert list(filled) == ["x", "y"] and type(filled["y"]) is tuple
+    assert_same_storage(saved["a"], filled["x"], "numpy")
+    assert_same_storage(saved["b"], filled["y"][0], "numpy")
+    assert type(filled["x"].cov) is type(a.cov) and filled["x"].cov is not a.cov
+    np.testing.assert_array_equal(a.cov.storage()["output_factor"], before)
+    if _like_reason("array_api_strict") is None:
+        import array_api_strict
+
+        strict = sc.GaussianParameter(
+            {n: array_api_strict.asarray(_host(v)) for n, v in saved["b"].mean.items()},
+            sc.DiagonalCovariance(),
+        )
+        into = sio.load_into(path, [_numpy_param("kronecker-2x1", "float32"), strict])
+        assert_same_storage(saved["b"], into[1], "array_api_strict")
+
+    def fails(model: Any, message: str, error: type[Exception] = ValueError) -> None:
+        with pytest.raises(error, match=message):
+            sio.load_into(path, model)
+
+    prefix = rf"cannot load {re.escape(str(path))} into "
+    fails([a], prefix + r"builtins.list: the file holds 2 parameters \(\['a', 'b'\]\), the model 1")
+    fails(
+        [a, _numpy_param("diagonal", "float32")],
+        prefix + r".*parameter 1 differs: 'b' in the file, '1' in the model: dtype float64 in "
+        r"the file, float32 in the model",
+    )
+    fails(
+        {"x": b, "y": b},
+        r"parameter 0 differs: 'a' in the file, 'x' in the model: structure Kronecker .* in the "
+        r"file, Diagonal .* in the model",
+    )
+    other = sc.GaussianParameter(
+        {"weight": np.zeros((3, 4)), "bias": None}, sc.DiagonalCovariance()
+    )
+    fails(
+        [a, other],
+        r"parameter 1 differs: .*means \[\('weight', \(3, 4\)\), \('bias', \(3,\)\)\] "
+        r"in the file, \[\('weight', \(3, 4\)\), \('bias', None\)\] in the model",
+    )
+    fails({"nothing": np.zeros(3)}, r"holds no structcov parameter", TypeError)
+    fails(tmp_path / "missing", r"holds no", TypeError)
+    with pytest.raises(FileNotFoundError):
+        sio.load_into(tmp_path / "missing.safetensors", [a, b])
+
+
+def _torch_layer_model(seed: int = 0) -> Any:
+    """Conv (Kronecker, Diagonal) -> MLP (low rank plus diagonal, deterministic), random
+    storage: the torch side of the layer round trips."""
+    import torch
+
+    import structcov.torch as sct
+
+    torch.manual_seed(seed)
+    model = sct.Sequential(
+        sct.Conv2d(2, 3, 3, padding=1, cov=sc.KroneckerCovariance(output_rank=2)),
+        torch.nn.ReLU(),
+        sct.Conv2d(3, 2, 3, bias=False, cov=sc.DiagonalCovariance()),
+        torch.nn.Flatten(-3),
+        sct.Linear(8, 5, cov=sc.LowRankPlusDiagonalCovariance(2)),
+        torch.nn.ReLU(),
+        sct.Linear(5, 3, cov=None),
+    )
+    for layer in model:
+        if isinstance(layer, sct.GaussianParameter) or getattr(layer, "stochastic", False):
+            storage = layer.params.cov.storage()
+            layer.params.cov.load_storage(
+                {p: 0.3 * torch.randn_like(v) for p, v in storage.items()}
+            )
+    return model
+
+
+def _jax_layer_model(system: str) -> Any:
+    """The Equinox / NNX counterpart of `_torch_layer_model` (other initial values)."""
+    import jax
+    import jax.numpy as jnp
+
+    import structcov.jax as scj
+
+    f32 = jnp.float32  # whatever JAX's default float (x64 on or off)
+
+    flatten = lambda x: x.reshape(*x.shape[:-3], -1)  # noqa: E731
+    if system == "equinox":
+        keys = iter(jax.random.split(jax.random.key(7), 4))
+        made = [
+            scj.EquinoxConv2d(
+                2,
+                3,
+                3,
+                padding=1,
+                cov=sc.KroneckerCovariance(output_rank=2),
+                key=next(keys),
+                dtype=f32,
+            ),
+            scj.EquinoxConv2d(
+                3, 2, 3, bias=False, cov=sc.DiagonalCovariance(), key=next(keys), dtype=f32
+            ),
+            scj.EquinoxLinear(
+                8, 5, cov=sc.LowRankPlusDiagonalCovariance(2), key=next(keys), dtype=f32
+            ),
+            scj.EquinoxLinear(5, 3, cov=None, key=next(keys), dtype=f32),
+        ]
+        return scj.EquinoxSequential(
+            made[0], jax.nn.relu, made[1], flatten, made[2], jax.nn.relu, made[3]
+        )
+    from flax import nnx
+
+    rngs = nnx.Rngs(7)
+    made = [
+        scj.NNXConv2d(
+            2, 3, 3, padding=1, cov=sc.KroneckerCovariance(output_rank=2), rngs=rngs, dtype=f32
+        ),
+        scj.NNXConv2d(3, 2, 3, bias=False, cov=sc.DiagonalCovariance(), rngs=rngs, dtype=f32),
+        scj.NNXLinear(8, 5, cov=sc.LowRankPlusDiagonalCovariance(2), rngs=rngs, dtype=f32),
+        scj.NNXLinear(5, 3, cov=None, rngs=rngs, dtype=f32),
+    ]
+    return scj.NNXSequential(made[0], jax.nn.relu, made[1], flatten, made[2], jax.nn.relu, made[3])
+
+
+def _layer_params(model: Any) -> list[Any]:
+    """The core-like parameters of a sequential's structcov layers, in order."""
+    layers = list(model.layers) if hasattr(model, "layers") else list(model)
+    found = [layer.params for layer in layers if hasattr(layer, "params")]
+    return [p.param if hasattr(p, "param") else p for p in found]
+
+
+def _assert_same_means(a: Any, b: Any) -> None:
+    assert list(a.mean) == list(b.mean)
+    for name in a.mean:
+        if a.mean[name] is None:
+            assert b.mean[name] is None
+            continue
+        x, y = _host(a.mean[name]), _host(b.mean[name])
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+
+
+@torch_session
+def test_torch_layer_model_round_trip(tmp_path: Path) -> None:
+    """A torch Sequential of structcov layers, Bayesian and deterministic: the state-dict
+    names, version 3 records, `load` (modules, core, dicts of means) and `load_into`."""
+    import torch
+
+    import structcov.torch as sct
+
+    model = _torch_layer_model()
+    path = tmp_path / "layers.safetensors"
+    sio.save(path, model)
+    with safetensors.safe_open(str(path), framework="numpy") as handle:
+        assert set(handle.keys()) == {k for k, v in model.state_dict().items() if v is not None}
+    header = _header(path)
+    assert header["version"] == sio.FORMAT_VERSION == 3
+    records = header["parameters"]
+    assert [r["prefix"] for r in records] == ["0.params", "2.params", "4.params", "6.params"]
+    assert [r["kind"] for r in records] == ["gaussian"] * 3 + ["deterministic"]
+    assert records[3] == {
+        "prefix": "6.params",
+        "kind": "deterministic",
+        "means": [["weight", [3, 5]], ["bias", [3]]],
+        "dtype": "float32",
+    }
+    assert records[1]["means"] == [["weight", [2, 3, 3, 3]], ["bias", None]]
+
+    modules = sio.load(path, like="torch", module=True)
+    assert type(modules["6.params"]) is sct.DeterministicParameter
+    assert type(modules["0.params"]) is sct.GaussianParameter
+    core = sio.load(path)
+    assert type(core["6.params"]) is dict and list(core["6.params"]) == ["weight", "bias"]
+    for index in (0, 2, 4):
+        assert_same_storage(model[index].params, core[f"{index}.params"], "numpy")
+
+    fresh = _torch_layer_model(seed=1)
+    assert sio.load_into(path, fresh) is fresh
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    x = torch.randn(4, 2, 4, 4)
+    torch.testing.assert_close(fresh(x, None), model(x, None), rtol=0, atol=0)
+    sio.save(tmp_path / "again.safetensors", fresh)
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+    # A layer made deterministic afterwards is saved as one.
+    model[4].params.cov = None
+    sio.save(path, model)
+    assert [r["kind"] for r in _header(path)["parameters"]][2] == "deterministic"
+    # Tensors of no structcov parameter are still refused, by name.
+    with pytest.raises(TypeError, match=r"structcov parameters only.*'1\.weight', '1\.bias'"):
+        sio.save(path, sct.Sequential(sct.Linear(2, 3), torch.nn.BatchNorm1d(3)))
+
+
+@torch_session
+def test_load_into_torch_checks_every_pair_first(tmp_path: Path) -> None:
+    import torch
+
+    import structcov.torch as sct
+
+    path = tmp_path / "layers.safetensors"
+    sio.save(path, _torch_layer_model())
+    prefix = rf"cannot load {re.escape(str(path))} into structcov\.torch\.Sequential: "
+
+    def refused(model: Any, message: str) -> None:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=prefix + message):
+            sio.load_into(path, model)
+        for key, value in model.state_dict().items():  # nothing changed
+            assert torch.equal(value, before[key]), key
+
+    wrong_kind = _torch_layer_model()
+    wrong_kind[6] = sct.Linear(5, 3, cov=sc.DiagonalCovariance())
+    refused(
+        wrong_kind,
+        r"parameter 3 differs: '6\.params' in the file, '6\.params' in the model: the file's "
+        r"is deterministic, the model's Gaussian",
+    )
+    wrong_rank = _torch_layer_model()
+    wrong_rank[4] = sct.Linear(8, 5, cov=sc.LowRankPlusDiagonalCovariance(3))
+    refused(wrong_rank, r"parameter 2 differs: .*structure LowRankPlusDiagonal \{'rank': 2")
+    wrong_shape = _torch_layer_model()
+    wrong_shape[6] = sct.Linear(5, 3, bias=False)
+    refused(wrong_shape, r"parameter 3 differs: .*means .*\('bias', \(3,\)\)\] in the file")
+    refused(_torch_layer_model().double(), r"parameter 0 differs: .*dtype float32 in the file")
+    refused(_torch_layer_model()[:3], r"the file holds 4 parameters .* the model 2")
+    # Arrays of no structcov parameter in the target are left as they are.
+    extra = _torch_layer_model(seed=2)
+    extra.append(torch.nn.BatchNorm1d(3))
+    norm = extra[7].weight.detach().clone()
+    sio.load_into(path, extra)
+    assert torch.equal(extra[7].weight, norm)
+    with pytest.raises(TypeError, match=r"holds no structcov parameter"):
+        sio.load_into(path, torch.nn.Linear(2, 3))
+
+
+@torch_session
+@pytest.mark.parametrize("system", ["equinox", "nnx"])
+def test_torch_layer_model_into_jax_and_back(tmp_path: Path, system: str) -> None:
+    """The issue's path for layers: a torch model loads into its Equinox / NNX
+    counterpart by position: bit-identical means and storage, the same mean forward,
+    the same samples from the same normals; and back from JAX into torch."""
+    _require("jax")
+    pytest.importorskip("equinox" if system == "equinox" else "flax.nnx")
+    import jax.numpy as jnp
+    import torch
+
+    model = _torch_layer_model()
+    path = tmp_path / "layers.safetensors"
+    sio.save(path, model)
+    target = _jax_layer_model(system)
+    filled = sio.load_into(path, target)
+    if system == "nnx":
+        assert filled is target  # updated in place
+    else:
+        assert filled is not target and type(filled) is type(target)
+        assert not all(  # the original keeps its own values
+            _host(a.mean["weight"]).tobytes() == _host(b.mean["weight"]).tobytes()
+            for a, b in zip(_layer_params(target), _layer_params(filled), strict=True)
+        )
+    reference = sio.load(path, like="jax")
+    torch_params = _layer_params(model)
+    jax_params = _layer_params(filled)
+    for prefix, mine, theirs in zip(reference, jax_params, torch_params, strict=True):
+        _assert_same_means(theirs, mine)
+        if theirs.cov is None:
+            assert mine.cov is None
+            continue
+        assert_same_storage(theirs, mine, "jax")
+        z = _normals(mine, np.float32)
+        got = _factor_matmul(mine, jnp.asarray(z))
+        for name, value in _factor_matmul(reference[prefix], jnp.asarray(z)).items():
+            assert got[name].tobytes() == value.tobytes(), (prefix, name)  # bit for bit
+        source = _factor_matmul(theirs, torch.from_numpy(z))
+        for name in got:
+            np.testing.assert_allclose(got[name], source[name], rtol=1e-5, atol=1e-6)
+
+    x = np.random.default_rng(0).standard_normal((4, 2, 4, 4)).astype(np.float32)
+    expected = model(torch.from_numpy(x), None).detach().numpy()
+    served = np.asarray(filled(jnp.asarray(x), None))
+    assert served.shape == expected.shape == (4, 3)
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
+
+    # Back: JAX -> file -> torch, every tensor as the original model's.
+    back = tmp_path / "from-jax.safetensors"
+    sio.save(back, filled)
+    assert [r["prefix"] for r in _header(back)["parameters"]] == [
+        "layers.0.params",
+        "layers.2.params",
+        "layers.4.params",
+        "layers.6.params",
+    ]
+    again = sio.load_into(back, _torch_layer_model(seed=3))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+@jax_session
+def test_jax_layers_save_load_and_load_into(tmp_path: Path) -> None:
+    """Equinox and NNX layer models: deterministic layers saved as such, NNX modules in
+    definition order, `load_into` between them and into pytrees of core parameters."""
+    pytest.importorskip("equinox")
+    pytest.importorskip("flax.nnx")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import structcov.jax as scj
+
+    f32 = jnp.float32
+    eqx_model = scj.EquinoxSequential(
+        scj.EquinoxLinear(4, 3, cov=sc.KroneckerCovariance(), key=jax.random.key(0), dtype=f32),
+        jax.nn.tanh,
+        scj.EquinoxLinear(3, 2, bias=False, key=jax.random.key(1), dtype=f32),
+    )
+    path = tmp_path / "eqx.safetensors"
+    sio.save(path, eqx_model)
+    records = _header(path)["parameters"]
+    assert [(r["prefix"], r["kind"]) for r in records] == [
+        ("layers.0.params", "gaussian"),
+        ("layers.2.params", "deterministic"),
+    ]
+    loaded = sio.load(path, like="jax")
+    assert list(loaded["layers.2.params"]) == ["weight", "bias"]
+    assert loaded["layers.2.params"]["bias"] is None
+    assert isinstance(loaded["layers.2.params"]["weight"], jax.Array)
+
+    # A deterministic parameter saved on its own comes back as its means.
+    sio.save(path, eqx_model.layers[2].params)
+    assert _header(path)["kind"] == "parameter"
+    alone = sio.load(path, like="jax")
+    assert list(alone) == ["weight", "bias"] and alone["bias"] is None
+
+    class Model(nnx.Module):  # type: ignore[misc]
+        def __init__(self, rngs: Any) -> None:
+            # Attributes in definition order: "second" before "first" (NNX sorts them).
+            self.second = scj.NNXLinear(4, 3, cov=sc.KroneckerCovariance(), rngs=rngs, dtype=f32)
+            self.first = scj.NNXLinear(3, 2, bias=False, rngs=rngs, dtype=f32)
+
+        def __call__(self, x: Any) -> Any:
+            return self.first(jnp.tanh(self.second(x, None)), None)
+
+    nnx_model = Model(nnx.Rngs(3))
+    sio.save(path, nnx_model)
+    assert [r["prefix"] for r in _header(path)["parameters"]] == ["second.params", "first.params"]
+    into = sio.load_into(path, eqx_model)
+    x = jnp.ones((5, 4), dtype=f32)
+    np.testing.assert_array_equal(np.asarray(into(x, None)), np.asarray(nnx_model(x)))
+    assert_same_storage(nnx_model.second.params.param, into.layers[0].params, "jax")
+    sio.save(path, eqx_model)
+    assert sio.load_into(path, nnx_model) is nnx_model
+    np.testing.assert_array_equal(np.asarray(eqx_model(x, None)), np.asarray(nnx_model(x)))
+
+    # Into a pytree of core parameters and a JAX DeterministicParameter (new objects).
+    tree = {"q": eqx_model.layers[0].params, "head": (into.layers[2].params,)}
+    filled = sio.load_into(path, tree)
+    assert_same_storage(eqx_model.layers[0].params, filled["q"], "jax")
+    assert type(filled["head"][0]) is scj.DeterministicParameter
+    _assert_same_means(eqx_model.layers[2].params, filled["head"][0])
+    # Wrappers: EquinoxGaussian rebuilt, NNXGaussian filled in place.
+    wrappers = [scj.equinox_module(into.layers[0].params), into.layers[2].params]
+    assert_same_storage(eqx_model.layers[0].params, sio.load_into(path, wrappers)[0].param)
+    nnx_q = scj.nnx_module(into.layers[0].params)
+    with pytest.raises(ValueError, match=r"the file holds 2 parameters"):
+        sio.load_into(path, nnx_q)
+    sio.save(path, {"q": eqx_model.layers[0].params})
+    assert sio.load_into(path, nnx_q) is nnx_q
+    assert_same_storage(eqx_model.layers[0].params, nnx_q.param, "jax")
+
+    class WithState(nnx.Module):  # type: ignore[misc]
+        def __init__(self, rngs: Any) -> None:
+            self.layer = scj.NNXLinear(2, 2, rngs=rngs, dtype=f32)
+            self.norm = nnx.BatchNorm(2, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"structcov parameters only.*'norm\.\w+"):
+        sio.save(path, WithState(nnx.Rngs(0)))
