@@ -1,4 +1,5 @@
-"""structcov.numpy: gaussian(), the dict/.npz round trip, and posterior_to_structure.
+"""structcov.numpy: gaussian(), the dict round trip, save/load (structcov.io's checkpoint
+format, and the legacy .npz reader), and posterior_to_structure.
 
 Runs in the numpy session (``STRUCTCOV_BACKEND`` unset or including ``numpy``); the
 CuPy paths run only where CuPy has a CUDA device and skip with the reason otherwise.
@@ -42,7 +43,14 @@ pytestmark = pytest.mark.skipif(
 NUMPY = Backend("numpy", compat_numpy)
 META = scnp.METADATA_KEY
 NOT_OURS = "not a structcov .npz file"
+NOT_A_CHECKPOINT = "not a structcov safetensors file"
 BAD_DICT = "not a valid structcov parameter dict"
+
+#: `save` writes, and `load` reads, structcov.io's safetensors checkpoints.
+needs_io = pytest.mark.skipif(
+    importlib.util.find_spec("safetensors") is None,
+    reason="structcov.numpy.save/load checkpoints need safetensors (structcov[io])",
+)
 
 
 # ------------------------------------------------------------------ helpers
@@ -120,9 +128,24 @@ def assert_identical(a: sc.GaussianParameter, b: sc.GaussianParameter) -> None:
         assert xa[name].tobytes() == xb[name].tobytes()
 
 
-def _save(tmp_path: Path, param: sc.GaussianParameter, name: str = "param.npz") -> Path:
+def _save(tmp_path: Path, param: sc.GaussianParameter, name: str = "param.safetensors") -> Path:
     path = tmp_path / name
     scnp.save(path, param)
+    return path
+
+
+def _host(value: Any) -> Any:
+    return value.get() if type(value).__module__.split(".")[0] == "cupy" else value
+
+
+def _save_legacy(
+    tmp_path: Path, param: sc.GaussianParameter, name: str = "param.npz", compressed: bool = False
+) -> Path:
+    """A legacy ``.npz`` file as earlier versions' ``structcov.numpy.save`` wrote it:
+    `to_dict`'s layout through ``numpy.savez`` (CuPy arrays copied to the host)."""
+    path = tmp_path / name
+    writer = np.savez_compressed if compressed else np.savez
+    writer(path, **{key: _host(value) for key, value in scnp.to_dict(param).items()})
     return path
 
 
@@ -169,13 +192,43 @@ def test_dict_round_trip(case: Case | str, dtype: str) -> None:
     assert_identical(param, scnp.from_dict(arrays))
 
 
+@needs_io
 @pytest.mark.parametrize("case", ALL_CASES, ids=ALL_IDS)
-def test_npz_round_trip(case: Case | str, dtype: str, tmp_path: Path) -> None:
+def test_save_load_round_trip(case: Case | str, dtype: str, tmp_path: Path) -> None:
+    """`save` writes structcov.io's checkpoint format: both loaders read it bit for bit."""
+    import safetensors
+
+    import structcov.io
+
     param = _make(case, dtype)
     path = _save(tmp_path, param)
+    with safetensors.safe_open(str(path), framework="numpy") as handle:
+        header = json.loads(handle.metadata()[structcov.io.METADATA_KEY])
+    assert header["format"] == structcov.io.FORMAT_TAG and header["kind"] == "parameter"
+    assert_identical(param, scnp.load(path))
+    assert_identical(param, structcov.io.load(path))
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=ALL_IDS)
+def test_legacy_npz_round_trip(case: Case | str, dtype: str, tmp_path: Path) -> None:
+    """Files of the retired .npz writer still load, bit for bit."""
+    param = _make(case, dtype)
+    path = _save_legacy(tmp_path, param)
     with np.load(path, allow_pickle=False) as archive:  # readable without pickle
         assert META in archive.files
     assert_identical(param, scnp.load(path))
+
+
+@needs_io
+def test_checkpoints_of_structcov_io_load(tmp_path: Path) -> None:
+    """A file written by structcov.io.save is the same format: `load` reads it."""
+    import structcov.io
+
+    param = _make("kronecker-sample-scale-bias-first", "float32")
+    path = tmp_path / "io.safetensors"
+    structcov.io.save(path, param)
+    assert_identical(param, scnp.load(path))
+    assert path.read_bytes() == _save(tmp_path, param).read_bytes()
 
 
 def test_to_dict_layout_and_metadata() -> None:
@@ -217,15 +270,80 @@ def test_metadata_as_bytes_array() -> None:
     assert_identical(param, scnp.from_dict(arrays))
 
 
-def test_compressed_and_file_objects(tmp_path: Path) -> None:
+@needs_io
+def test_file_objects_and_paths(tmp_path: Path) -> None:
     param = _make("lrpd-2-weight+bias", "float32")
-    buffer = io.BytesIO()
-    scnp.save(buffer, param, compressed=True)
-    buffer.seek(0)
-    assert_identical(param, scnp.load(buffer))
     path = tmp_path / "no-suffix"
-    scnp.save(str(path), param)  # numpy.savez appends .npz to a str path
-    assert_identical(param, scnp.load(str(path) + ".npz"))
+    scnp.save(str(path), param)  # written exactly where asked: no suffix appended
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-suffix"]
+    assert_identical(param, scnp.load(str(path)))
+    buffer = io.BytesIO(b"head")
+    buffer.seek(4)
+    scnp.save(buffer, param)  # from the current position; the same bytes as the path
+    assert buffer.getvalue() == b"head" + path.read_bytes()
+    buffer.seek(4)
+    assert_identical(param, scnp.load(buffer))
+    with open(path, "rb") as handle:
+        assert_identical(param, scnp.load(handle))
+    with open(tmp_path / "written", "wb") as handle:
+        scnp.save(handle, param)
+    assert (tmp_path / "written").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["savez", "savez_compressed"])
+def test_legacy_npz_from_file_objects(tmp_path: Path, compressed: bool) -> None:
+    param = _make("lrpd-2-weight+bias", "float32")
+    path = _save_legacy(tmp_path, param, compressed=compressed)
+    with open(path, "rb") as handle:
+        assert_identical(param, scnp.load(handle))
+    buffer = io.BytesIO(b"head" + path.read_bytes())
+    buffer.seek(4)
+    assert_identical(param, scnp.load(buffer))
+
+
+@needs_io
+def test_save_arguments(tmp_path: Path) -> None:
+    param = _make(CASES[0], "float64")
+    with pytest.raises(TypeError, match="compressed"):
+        scnp.save(tmp_path / "q", param, compressed=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"must be a structcov\.GaussianParameter.*structcov\.io"):
+        scnp.save(tmp_path / "q", {"q": param})  # type: ignore[arg-type]
+    with (
+        open(tmp_path / "text", "w", encoding="utf-8") as text,
+        pytest.raises(TypeError, match="binary file object"),
+    ):
+        scnp.save(text, param)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a binary file object with a write"):
+        scnp.save(42, param)  # type: ignore[arg-type]
+
+    class MyDiagonal(sc.DiagonalCovariance):
+        pass
+
+    with pytest.raises(TypeError, match="can save only the structures"):
+        scnp.save(tmp_path / "q", sc.GaussianParameter({"w": np.ones(3)}, MyDiagonal()))
+    assert not list(tmp_path.glob("q*"))
+
+
+@needs_io
+def test_load_refuses_collections_and_other_files(tmp_path: Path) -> None:
+    import safetensors.numpy
+
+    import structcov.io
+
+    param = _make(CASES[0], "float64")
+    collection = tmp_path / "model.safetensors"
+    structcov.io.save(collection, {"a": param, "b": param})
+    with pytest.raises(ValueError, match=r"holds 2 entries \(\['a', 'b'\]\).*structcov\.io\.load"):
+        scnp.load(collection)
+    plain = tmp_path / "plain.safetensors"
+    safetensors.numpy.save_file({"weight": np.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match=f"{NOT_A_CHECKPOINT}.*without structcov's"):
+        scnp.load(plain)
+    buffer = io.BytesIO(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"{NOT_A_CHECKPOINT}: <_io.BytesIO"):
+        scnp.load(buffer)  # names the caller's object, not a temporary copy
+    with pytest.raises(TypeError, match="a binary file object with a read"):
+        scnp.load(42)  # type: ignore[arg-type]
 
 
 def test_from_dict_keeps_arrays_without_copies() -> None:
@@ -273,6 +391,7 @@ def parameters(draw: st.DrawFn) -> sc.GaussianParameter:
     return scnp.gaussian(mean, factory(draw(st.integers(1, 30))), seed=seed)
 
 
+@needs_io
 @given(parameters())
 def test_round_trip_property(param: sc.GaussianParameter) -> None:
     assert_identical(param, scnp.from_dict(scnp.to_dict(param)))
@@ -280,14 +399,22 @@ def test_round_trip_property(param: sc.GaussianParameter) -> None:
     scnp.save(buffer, param)
     buffer.seek(0)
     assert_identical(param, scnp.load(buffer))
+    legacy = io.BytesIO()
+    np.savez(legacy, **scnp.to_dict(param))
+    legacy.seek(0)
+    assert_identical(param, scnp.load(legacy))
 
 
-@pytest.mark.parametrize("name", ["a\x00b", "a\ud800b"], ids=["nul", "surrogate"])
-def test_names_a_zip_cannot_hold(name: str) -> None:
-    param = scnp.gaussian({name: np.ones(2)}, sc.DiagonalCovariance(), seed=0)
-    assert_identical(param, scnp.from_dict(scnp.to_dict(param)))  # a dict can hold it
-    with pytest.raises(ValueError, match="NUL character or a lone surrogate"):
-        scnp.save(io.BytesIO(), param)
+@needs_io
+def test_unusual_names(tmp_path: Path) -> None:
+    """A NUL in a name (which a zip could not hold) round-trips; a lone surrogate cannot be
+    UTF-8 (JSON header, tensor names) and is refused with a ValueError."""
+    param = scnp.gaussian({"a\x00b": np.ones(2), "": np.ones(1)}, sc.DiagonalCovariance(), seed=0)
+    assert_identical(param, scnp.load(_save(tmp_path, param)))
+    lone = scnp.gaussian({"a\ud800b": np.ones(2)}, sc.DiagonalCovariance(), seed=0)
+    assert_identical(lone, scnp.from_dict(scnp.to_dict(lone)))  # a dict can hold it
+    with pytest.raises(ValueError):
+        scnp.save(tmp_path / "lone", lone)
 
 
 def test_import_loads_no_other_backend() -> None:
@@ -302,36 +429,33 @@ def test_import_loads_no_other_backend() -> None:
 
 
 # ------------------------------------------------------------------ files that are not ours
+# A file that does not start like a zip archive goes to structcov.io.load (its errors); a zip
+# archive to the legacy .npz reader ("not a structcov .npz file" / "invalid ...").
+@needs_io
 def test_random_bytes(tmp_path: Path) -> None:
     path = tmp_path / "random.npz"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(ValueError, match=f"{NOT_OURS}.*not a zip archive"):
+    with pytest.raises(ValueError, match=f"{NOT_A_CHECKPOINT}.*cannot be read as safetensors"):
         scnp.load(path)
 
 
-def test_truncated_file(tmp_path: Path) -> None:
-    path = _save(tmp_path, _make("kronecker-sample-scale-weight+bias", "float64"))
+@needs_io
+@pytest.mark.parametrize("legacy", [False, True], ids=["checkpoint", "legacy-npz"])
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_truncated_file(tmp_path: Path, keep: float, legacy: bool) -> None:
+    param = _make("kronecker-sample-scale-weight+bias", "float64")
+    path = (_save_legacy if legacy else _save)(tmp_path, param)
     data = path.read_bytes()
-    truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=NOT_OURS):
-        scnp.load(truncated)
-
-
-@pytest.mark.parametrize("keep", [0.9, 0.99])
-def test_truncated_late(tmp_path: Path, keep: float) -> None:
-    path = _save(tmp_path, _make(CASES[0], "float64"))
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.npz"
+    truncated = tmp_path / "truncated"
     truncated.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ValueError, match=NOT_OURS):
+    with pytest.raises(ValueError, match=NOT_OURS if legacy else NOT_A_CHECKPOINT):
         scnp.load(truncated)
 
 
-def test_corrupted_entry(tmp_path: Path) -> None:
-    """Flipping bytes inside a stored array: the zip CRC check fails; a clear error."""
+def test_corrupted_legacy_entry(tmp_path: Path) -> None:
+    """Flipping bytes inside a stored array of a legacy file: the zip CRC check fails."""
     param = scnp.gaussian({"w": np.zeros(2000)}, sc.DiagonalCovariance(), seed=0)
-    path = _save(tmp_path, param)
+    path = _save_legacy(tmp_path, param)
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 8] = b"\xff" * 8
@@ -340,33 +464,46 @@ def test_corrupted_entry(tmp_path: Path) -> None:
         scnp.load(path)
 
 
+@needs_io
 def test_text_file(tmp_path: Path) -> None:
     path = tmp_path / "notes.npz"
     path.write_text("these are not arrays\n")
-    with pytest.raises(ValueError, match=f"{NOT_OURS}.*not a zip archive"):
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
         scnp.load(path)
+    with (
+        open(path, encoding="utf-8") as text,
+        pytest.raises(TypeError, match="binary file object"),
+    ):
+        scnp.load(text)  # type: ignore[arg-type]
 
 
-def test_empty_and_missing_files(tmp_path: Path) -> None:
+@needs_io
+def test_empty_missing_and_directory(tmp_path: Path) -> None:
     empty = tmp_path / "empty.npz"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=NOT_OURS):
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
         scnp.load(empty)
-    with pytest.raises(ValueError, match=f"{NOT_OURS}.*cannot be read"):
-        scnp.load(tmp_path / "absent.npz")
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
+        scnp.load(io.BytesIO())
+    with pytest.raises(FileNotFoundError, match=r"absent\.safetensors"):
+        scnp.load(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match=f"{NOT_A_CHECKPOINT}.*not a regular file"):
+        scnp.load(tmp_path)
 
 
+@needs_io
 def test_npy_file(tmp_path: Path) -> None:
     path = tmp_path / "array.npy"
     np.save(path, np.ones(3))
-    with pytest.raises(ValueError, match=f"{NOT_OURS}.*not a zip archive"):
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
         scnp.load(path)
 
 
+@needs_io
 def test_pickle_file(tmp_path: Path) -> None:
     path = tmp_path / "pickle.npz"
     path.write_bytes(pickle.dumps(Tripwire()))
-    with pytest.raises(ValueError, match=NOT_OURS):
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
         scnp.load(path)
 
 
@@ -548,9 +685,9 @@ def test_to_dict_rejects_other_libraries() -> None:
 def test_like_cupy_without_cupy(tmp_path: Path) -> None:
     if importlib.util.find_spec("cupy") is not None:
         pytest.skip("cupy is installed: the missing-CuPy error cannot be shown")
-    path = _save(tmp_path, _make(CASES[0], "float64"))
-    with pytest.raises(ImportError, match='like="cupy" needs CuPy'):
-        scnp.load(path, like="cupy")
+    for path in (tmp_path / "any.safetensors", _save_legacy(tmp_path, _make(CASES[0], "float64"))):
+        with pytest.raises(ImportError, match='like="cupy" needs CuPy'):
+            scnp.load(path, like="cupy")
     with pytest.raises(ImportError, match='like="cupy" needs CuPy'):
         scnp.from_dict(scnp.to_dict(_make(CASES[0], "float64")), like="cupy")
 
@@ -829,7 +966,9 @@ def test_closed_form_regression_posterior(tmp_path: Path) -> None:
         q = scnp.posterior_to_structure(mean, sigma, structure)
         np.testing.assert_allclose(q.cov.diagonal(), np.diag(sigma), rtol=1e-10)
         kl[key] = float(sc.kl_divergence(exact, q))
-        assert_identical(q, scnp.load(_save(tmp_path, q, f"{key}.npz")))
+        assert_identical(q, scnp.from_dict(scnp.to_dict(q)))
+        if importlib.util.find_spec("safetensors") is not None:
+            assert_identical(q, scnp.load(_save(tmp_path, q, f"{key}.safetensors")))
     assert abs(kl["kronecker"]) < 1e-8  # the posterior is exactly Kronecker
     assert kl["diagonal"] > 1e-3  # the diagonal loses the input correlations
     assert 0.0 < kl["lrpd"] < np.inf  # rank 2 + diagonal: an approximation, full rank
@@ -869,12 +1008,13 @@ def test_cupy_gaussian_and_round_trip(tmp_path: Path, dtype: str) -> None:
     )
 
     host = scnp.from_dict(arrays, like="numpy")
-    path = _save(tmp_path, param)
-    assert_identical(host, scnp.load(path))
-    on_device = scnp.load(path, like="cupy")
-    for key, value in on_device.cov.storage().items():
-        assert isinstance(value, cupy.ndarray)
-        assert value.get().tobytes() == param.cov.storage()[key].get().tobytes()
+    for path in (_save(tmp_path, param), _save_legacy(tmp_path, param)):
+        assert_identical(host, scnp.load(path))
+        on_device = scnp.load(path, like="cupy")
+        assert list(on_device.mean) == ["weight", "bias", "b"]
+        for key, value in on_device.cov.storage().items():
+            assert isinstance(value, cupy.ndarray)
+            assert value.get().tobytes() == param.cov.storage()[key].get().tobytes()
 
 
 def test_cupy_posterior(dtype: str) -> None:

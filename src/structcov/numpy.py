@@ -7,15 +7,16 @@ around it:
 - `gaussian`: build a ``GaussianParameter`` and draw its covariance
   parameters from a seed (``numpy.random.default_rng`` or, for CuPy means,
   ``cupy.random.default_rng``).
-- `to_dict` / `from_dict` and `save` / `load`: a round trip through a flat
-  dict of arrays or an ``.npz`` file that restores an identical parameter
-  (structure, ranks, mean names in order including ``None`` entries, values bit
-  for bit, dtype). Nothing is ever pickled or unpickled: the metadata is a JSON
-  string stored in a unicode array, and files are read with
-  ``numpy.load(..., allow_pickle=False)``. This ``.npz`` format is NumPy/CuPy only
-  and kept for the files written with it; structcov's checkpoint format is the
-  safetensors file of `structcov.io` (``structcov.io.save`` / ``structcov.io.load``),
-  which every backend reads and writes.
+- `save` / `load`: a checkpoint of one parameter in structcov's checkpoint format,
+  the safetensors file of `structcov.io` (thin wrappers of ``structcov.io.save`` /
+  ``structcov.io.load`` for NumPy/CuPy, which also take binary file objects), so a
+  posterior saved here loads into torch or JAX and back. `load` also reads the legacy
+  ``.npz`` files of earlier versions (never unpickling anything); nothing writes them
+  any more.
+- `to_dict` / `from_dict`: a round trip through a flat dict of arrays that restores
+  an identical parameter (structure, ranks, mean names in order including ``None``
+  entries, values bit for bit, dtype); the metadata is a JSON string in a unicode
+  array, so nothing needs pickle. It is the layout of the legacy ``.npz`` files.
 - `posterior_to_structure`: NumPy and CuPy have no autograd, so structcov cannot
   *fit* a structured posterior there; what it offers instead is to map a known
   Gaussian (e.g. a closed-form posterior) onto each structure.
@@ -44,7 +45,9 @@ structure holds it exactly, the diagonal keeps only its marginal variances::
     marginal = scnp.posterior_to_structure(mean, sigma, sc.DiagonalCovariance())
 
 This module imports NumPy; it imports CuPy only when CuPy arrays, a CuPy
-generator or ``like="cupy"`` are involved, and never imports torch or JAX.
+generator or ``like="cupy"`` are involved, `structcov.io` and safetensors (the
+``structcov[io]`` extra) only when `save` / `load` are called, and never imports torch
+or JAX.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -127,10 +131,6 @@ def _move(value: Any, like: str | None) -> Any:
 def _as_array(value: Any) -> Any:
     """A NumPy scalar as a 0-d array (NumPy's generator returns scalars for shape ())."""
     return np.asarray(value) if isinstance(value, np.generic) else value
-
-
-def _to_host(value: Any) -> Any:
-    return value.get() if _library(value) == "cupy" else value
 
 
 # --------------------------------------------------------------------------- gaussian
@@ -221,8 +221,8 @@ def to_dict(param: GaussianParameter) -> dict[str, Array]:
       e.g. ``"cov/factor.weight"``, ``"cov/output_factor"``).
 
     The arrays are the stored ones, not copies, and keep their library: CuPy
-    arrays stay on their device (`save` moves them to the host). Nothing in
-    the dict needs pickle. Cost: O(1) besides the metadata string.
+    arrays stay on their device. Nothing in the dict needs pickle. Cost: O(1)
+    besides the metadata string.
 
     Raises ``TypeError`` for a structure outside structcov's own (a user
     subclass cannot be rebuilt by name) and for arrays other than NumPy/CuPy.
@@ -554,38 +554,156 @@ def from_dict(arrays: Mapping[str, Any], *, like: str | None = None) -> Gaussian
 PathLike = str | os.PathLike[str]
 
 
-def save(file: PathLike | IO[bytes], param: GaussianParameter, *, compressed: bool = False) -> None:
-    """Write ``param`` to an ``.npz`` file (``numpy.savez``), `to_dict`'s layout.
+def _checkpoints() -> Any:
+    """``structcov.io``, imported on first use (the name ``io`` here is the standard library's)."""
+    from . import io as checkpoints
 
-    NumPy/CuPy only; for a checkpoint any backend can load (torch, JAX, ...) use
-    ``structcov.io.save``, structcov's checkpoint format.
+    return checkpoints
 
-    CuPy arrays are copied to the host (``.get()``). Like ``numpy.savez``, a
-    ``str`` path without the ``.npz`` suffix gets it appended. No entry needs
-    pickle. ``compressed=True`` uses ``numpy.savez_compressed``. Mean names may
-    be any strings except ones containing NUL or a lone surrogate (``ValueError``:
-    zip names cannot hold them).
+
+def _check_binary(file: Any, method: str) -> None:
+    """Refuse a text-mode file object, or an object without ``method`` (read/write)."""
+    if isinstance(file, io.TextIOBase):
+        raise TypeError(
+            f"`file` must be a path or a binary file object (open(path, '{method[0]}b')), got "
+            f"the text-mode file object {file!r}"
+        )
+    if not callable(getattr(file, method, None)):
+        raise TypeError(
+            f"`file` must be a path (str or os.PathLike) or a binary file object with a "
+            f"{method}() method, got {type(file).__module__}.{type(file).__qualname__}"
+        )
+
+
+def save(file: PathLike | IO[bytes], param: GaussianParameter) -> None:
+    """Write ``param`` to a structcov checkpoint: ``structcov.io.save(file, param)``.
+
+    The file is structcov's one checkpoint format, the safetensors file of
+    ``structcov.io`` (see that module): any backend reads it
+    (``structcov.io.load(file, like="torch")``, ``"jax"``, ...), and `load` reads it
+    back here. A path is written atomically and exactly as given (no suffix is added;
+    ``.safetensors`` is the usual one). A binary file object (``open(path, "wb")``,
+    ``io.BytesIO``) receives the same bytes, written from its current position (not
+    atomically: the bytes are produced by ``structcov.io.save`` in a temporary
+    directory first). CuPy arrays are copied to the host.
+
+    Earlier versions wrote an ``.npz`` file here (and took ``compressed=``); `load`
+    still reads those files.
+
+    Raises
+    ------
+    TypeError
+        For anything but a core ``structcov.GaussianParameter`` (models and collections:
+        ``structcov.io.save``), a text-mode file object, or what ``structcov.io.save``
+        refuses (a structure outside structcov's registry, a dtype other than
+        float32/float64).
+    ImportError
+        Without the safetensors package (``pip install 'structcov[io]'``).
     """
-    arrays = to_dict(param)
-    for key in arrays:
-        if "\x00" in key or not _utf8(key):
-            raise ValueError(
-                f"cannot save the entry {key!r}: a zip archive cannot store a NUL character or "
-                "a lone surrogate in a name (rename the mean)"
-            )
-    host: dict[str, Any] = {key: _to_host(value) for key, value in arrays.items()}
-    writer = np.savez_compressed if compressed else np.savez
-    writer(file, **host)
+    if type(param) is not GaussianParameter:
+        raise TypeError(
+            f"`param` must be a structcov.GaussianParameter, got {type(param).__module__}."
+            f"{type(param).__qualname__} (structcov.io.save writes models and collections)"
+        )
+    checkpoints = _checkpoints()
+    if isinstance(file, (str, os.PathLike)):
+        checkpoints.save(file, param)
+        return
+    _check_binary(file, "write")
+    with tempfile.TemporaryDirectory(prefix="structcov-") as folder:
+        path = os.path.join(folder, "param.safetensors")
+        checkpoints.save(path, param)
+        with open(path, "rb") as written:
+            data = written.read()
+    file.write(data)
 
 
-def _utf8(text: str) -> bool:
+def load(file: PathLike | IO[bytes], *, like: str = "numpy") -> GaussianParameter:
+    """Read a parameter saved by `save`: ``structcov.io.load(file, like=like)``, NumPy/CuPy.
+
+    ``file`` holds structcov's checkpoint format (the safetensors file of
+    ``structcov.io``, whichever backend wrote it) or, told apart by its first bytes
+    (a zip archive), a legacy ``.npz`` file of earlier versions' ``save``.
+
+    **Checkpoints** are read by ``structcov.io.load``, with its checks and errors
+    (``ValueError`` "not a structcov safetensors file: ..." or "invalid structcov
+    safetensors file: ...", ``FileNotFoundError`` for a missing path). The file must
+    hold a single Gaussian parameter (``ValueError`` otherwise: read collections and
+    layers with ``structcov.io.load``).
+
+    **Legacy ``.npz`` files** (`to_dict`'s layout) are read without unpickling anything
+    (``numpy.load(..., allow_pickle=False)``): an archive that cannot be read (truncated,
+    corrupt, an entry holding pickled objects, no structcov metadata entry) is a
+    ``ValueError`` starting with "not a structcov .npz file:"; wrong metadata or arrays
+    (another structure's arrays, shapes, dtypes, an unknown version) a ``ValueError``
+    starting with "invalid structcov .npz file:" that names what is wrong, as
+    `from_dict` does. Re-save them with `save` (or ``structcov.io.save``) to convert.
+
+    Parameters
+    ----------
+    file
+        A path, or a binary file object open for reading (read from its current
+        position; a checkpoint is copied to a temporary file for ``structcov.io.load``).
+    like
+        ``"numpy"`` (default) or ``"cupy"`` (the arrays go to the current CuPy
+        device; ``ImportError`` if CuPy is not installed). Other backends:
+        ``structcov.io.load(file, like=...)``.
+    """
+    _check_like(like, allow_none=False)
+    if like == "cupy":
+        _cupy()  # fail before reading if CuPy is missing
+    if not isinstance(file, (str, os.PathLike)):
+        _check_binary(file, "read")
+        try:
+            start = file.tell()
+            magic = file.read(4)
+            file.seek(start)
+        except OSError as error:
+            raise ValueError(f"cannot read {file!r} ({error})") from None
+        if magic in _ZIP_MAGIC:
+            return _load_legacy(file, file, like)
+        with tempfile.TemporaryDirectory(prefix="structcov-") as folder:
+            path = os.path.join(folder, "param.safetensors")
+            with open(path, "wb") as copy:
+                copy.write(file.read())
+            return _load_checkpoint(path, like, described=repr(file))
+    if os.path.isfile(file):
+        try:
+            with open(file, "rb") as handle:
+                magic = handle.read(4)
+        except OSError as error:
+            raise ValueError(f"cannot read {os.fspath(file)!r} ({error})") from None
+        if magic in _ZIP_MAGIC:
+            with open(file, "rb") as handle:  # numpy.load leaks its own handle when corrupt
+                return _load_legacy(handle, file, like)
+    return _load_checkpoint(file, like, described=os.fspath(file))
+
+
+def _load_checkpoint(path: PathLike, like: str, *, described: str) -> GaussianParameter:
+    """``structcov.io.load(path, like=like)``, which must give one Gaussian parameter."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        loaded = _checkpoints().load(path, like=like)
+    except ValueError as error:
+        if described == os.fspath(path):
+            raise
+        # A copy of a file object: name the caller's object, not the temporary path.
+        raise ValueError(str(error).replace(os.fspath(path), described)) from None
+    if type(loaded) is not GaussianParameter:
+        held = (
+            f"{len(loaded)} entries ({list(loaded)[:5]})"
+            if isinstance(loaded, dict)
+            else type(loaded).__name__
+        )
+        raise ValueError(
+            f"structcov.numpy.load reads a checkpoint of one Gaussian parameter; {described} "
+            f"holds {held}: read it with structcov.io.load"
+        )
+    return loaded
 
 
+# -------------------------------------------------------------- legacy .npz reader
+# Earlier versions' `save` wrote `to_dict`'s layout to an ``.npz`` file. The writer is
+# gone; this reader stays so that those files still load (without unpickling anything).
 def _describe_file(file: Any) -> str:
     return os.fspath(file) if isinstance(file, (str, os.PathLike)) else repr(file)
 
@@ -594,57 +712,8 @@ def _not_ours(file: Any, reason: str) -> ValueError:
     return ValueError(f"not a structcov .npz file: {_describe_file(file)}: {reason}")
 
 
-def load(file: PathLike | IO[bytes], *, like: str = "numpy") -> GaussianParameter:
-    """Read a parameter written by `save` (``numpy.load(..., allow_pickle=False)``).
-
-    Reads the ``.npz`` files of `save`; checkpoints of ``structcov.io.save``
-    (safetensors) are read by ``structcov.io.load``.
-
-    Never unpickles anything. The file must be a zip archive (checked from its
-    first bytes before NumPy sees it) with structcov's metadata entry; every
-    failure to read it -- a random or text file, a plain ``.npy``, a truncated
-    archive, an entry holding pickled objects -- is a ``ValueError`` starting
-    with "not a structcov .npz file:". A readable file whose metadata or arrays
-    are wrong (another structure's arrays, shapes, dtypes, an unknown version)
-    is a ``ValueError`` starting with "invalid structcov .npz file:" that names
-    what is wrong, as `from_dict` does.
-
-    Parameters
-    ----------
-    file
-        A path, or a binary file object open for reading (seekable).
-    like
-        ``"numpy"`` (default) or ``"cupy"`` (the arrays go to the current CuPy
-        device; ``ImportError`` if CuPy is not installed).
-    """
-    _check_like(like, allow_none=False)
-    if like == "cupy":
-        _cupy()  # fail before reading if CuPy is missing
-    if not isinstance(file, (str, os.PathLike)):
-        return _load_open(file, file, like)
-    try:
-        handle = open(file, "rb")  # noqa: SIM115 -- closed by the with-block below
-    except OSError as error:
-        raise _not_ours(file, f"cannot be read ({error})") from None
-    with handle:  # numpy.load leaks its own handle when the archive is corrupt
-        return _load_open(handle, file, like)
-
-
-def _load_open(handle: IO[bytes], file: Any, like: str) -> GaussianParameter:
-    opened: Any = handle  # a caller's object: it may be a text-mode file after all
-    if isinstance(opened, io.TextIOBase):
-        raise TypeError(
-            f"`file` must be a path or a binary file object (open(path, 'rb')), got the "
-            f"text-mode file object {file!r}"
-        )
-    try:
-        start = handle.tell()
-        magic = handle.read(4)
-        handle.seek(start)
-    except OSError as error:
-        raise _not_ours(file, f"cannot be read ({error})") from None
-    if magic not in _ZIP_MAGIC:
-        raise _not_ours(file, f"it is not a zip archive (it starts with {magic!r})")
+def _load_legacy(handle: IO[bytes], file: Any, like: str) -> GaussianParameter:
+    """The parameter in a legacy ``.npz`` file, open as ``handle`` (zip magic checked)."""
     try:
         archive = np.load(handle, allow_pickle=False)
     except Exception as error:  # any failure to open the archive: truncated, corrupt, ...
