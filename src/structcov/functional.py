@@ -590,12 +590,36 @@ def sample(
 ) -> dict[str, Array]:
     """Draw ``mean + S z`` with z ~ N(0, I_K): name -> ``(*sample_shape, *shape)``.
 
-    Cost: ``prod(sample_shape) * K`` normals (`draw_noise`) plus one `factor_matmul`.
+    Cost: ``prod(sample_shape) * K`` normals (`draw_noise`) plus the products of
+    `factor_matmul`, with the mean added into the new blocks. Memory: z is drawn
+    here, so it is handed over to the structure's ``sample_blocks`` where it has
+    one (it may scale z in place or drop it once used: low rank plus diagonal,
+    Kronecker); the peak is then about output + z, not the 1.5x of a product that
+    must leave ``factor_matmul``'s ``input`` untouched. The values are those of
+    ``factor_matmul(z, additive_constant=mean)``.
     """
     shape = sample_shape_of(sample_shape)
     z = draw_noise(structure, storage, mean, shape, generator)
+    xp = namespace(z)
     means = {name: mean[name] for name in structure.layout.names}
-    return factor_matmul(structure, storage, z, additive_constant=means)
+    constants = _split_constant(structure, xp, means, z)
+    # A one-element list hands z over: no reference stays in this frame, so the
+    # structure can release it (see `Structure.sample_blocks`).
+    noise = [z if z.ndim == 2 else xp.reshape(z, (math.prod(shape), structure.num_factor_columns))]
+    del z
+    layout = structure.layout
+    out = {}
+    for name, block_shape, block, constant in zip(
+        layout.names,
+        layout.shapes,
+        structure.sample_blocks(xp, storage, noise),
+        constants,
+        strict=True,
+    ):
+        if constant is not None:
+            block = add_into(block, constant)  # the block is new
+        out[name] = xp.reshape(block, (*shape, *block_shape))
+    return out
 
 
 def flat_mean(structure: Structure, mean: Mapping[str, Array]) -> Array:

@@ -44,6 +44,7 @@ __all__ = [
     "positive",
     "require_parameters",
     "row_norms",
+    "scale_into",
     "split_flat",
     "total",
 ]
@@ -70,6 +71,20 @@ def add_into(block: Array, other: Array) -> Array:
     except (RuntimeError, TypeError, ValueError):
         block = block + other
     return block
+
+
+def scale_into(array: Array, factor: Array) -> Array:
+    """``array * factor``, written into ``array`` where the backend allows it.
+
+    The multiplicative twin of `add_into`: ``array`` must be new and held by nobody
+    else. Immutable arrays (JAX) rebind; a backend that refuses (torch ``vmap`` with
+    ``factor`` batched and ``array`` not) gets the out-of-place product.
+    """
+    try:
+        array *= factor
+    except (RuntimeError, TypeError, ValueError):
+        array = array * factor
+    return array
 
 
 def row_norms(xp: Any, factor: Array) -> Array:
@@ -273,6 +288,13 @@ class Structure(abc.ABC):
         """``Sigma^-1 x`` per name for a full-rank structure; ``state`` from `prepare`."""
 
     # ------------------------------------------------------------ derived, shared
+    def sample_blocks(self, xp: Any, storage: Storage, noise: list[Array]) -> list[Array]:
+        """`blocks` for a z that is handed over: ``noise`` is a one-element list holding
+        z, emptied here, so that no caller keeps z alive. A structure may scale z in
+        place or drop it after its first product (lower peak memory of ``sample``);
+        the default is ``blocks(z)``."""
+        return self.blocks(xp, storage, noise.pop())
+
     def quadratic(self, xp: Any, storage: Storage, state: Any, x: list[Array]) -> Array:
         """x^T Sigma^-1 x per row, shape (B,), from per-name blocks (full-rank structures).
 

@@ -211,8 +211,22 @@ class Kronecker(Structure):
         return xp.concat([weight, storage["input_factor.bias"]], axis=0)
 
     def blocks(self, xp: Any, storage: Storage, z: Array) -> list[Array]:
+        return self._factor_blocks(xp, storage, [z])
+
+    def sample_blocks(self, xp: Any, storage: Storage, noise: list[Array]) -> list[Array]:
+        """`blocks` for a z that is handed over (``noise``, a one-element list, emptied).
+
+        z is released after the first product (S_out Z or Z S_in^T), before the
+        output is allocated: the peak is max(z + T, T + output) for the intermediate
+        T, about output + z at full ranks, where `blocks` (whose caller keeps z)
+        holds z + T + output. Same values.
+        """
+        return self._factor_blocks(xp, storage, noise)
+
+    def _factor_blocks(self, xp: Any, storage: Storage, noise: list[Array]) -> list[Array]:
+        """S vec_r(Z) = vec_r(S_out Z S_in^T) per name for the z in ``noise`` (emptied)."""
         r_in, r_out, d_out, d_in = self.input_rank, self.output_rank, self.d_out, self.d_in
-        batch = z.shape[0]
+        batch = noise[0].shape[0]
         s_out = storage["output_factor"]
         if self.sample_scale != 1.0:
             s_out = s_out * self.sample_scale
@@ -220,19 +234,21 @@ class Kronecker(Structure):
             "weight": self._input_weight(xp, storage),
             "bias": storage.get("input_factor.bias"),
         }
-        zz = xp.reshape(z, (batch, r_out, r_in))
+        zz = xp.reshape(noise.pop(), (batch, r_out, r_in))
         # Associate S_out Z S_in^T the cheaper way (static shapes decide).
         left_first = d_out * r_out * r_in + d_out * r_in * self.d_aug
         right_first = r_out * r_in * self.d_aug + d_out * r_out * self.d_aug
         blocks = {}
         if left_first <= right_first:
             t = xp.matmul(s_out, zz)  # (B, d_out, r_in)
+            del zz  # z's last reference where it was handed over
             for name in self.layout.names:
                 blocks[name] = xp.matmul(t, xp.matrix_transpose(s_in[name]))
         else:
+            u = {name: xp.matmul(zz, xp.matrix_transpose(s_in[name])) for name in self.layout.names}
+            del zz  # (B, r_out, d_name) each
             for name in self.layout.names:
-                u = xp.matmul(zz, xp.matrix_transpose(s_in[name]))  # (B, r_out, d_name)
-                blocks[name] = xp.matmul(s_out, u)
+                blocks[name] = xp.matmul(s_out, u.pop(name))
         # weight: (B, d_out, d_in) row-major = vec_r; bias: (B, d_out, 1).
         return [
             xp.reshape(blocks[name], (batch, d_out * (d_in if name == "weight" else 1)))
@@ -284,8 +300,8 @@ class Kronecker(Structure):
         # Sigma vec_r(X~) = vec_r(C_out X~ C_in) (mixed-product rule), C = S S^T per factor.
         # Forming C rounds like the products S (S^T x) do (eps |S| |S|^T), so the result
         # is as accurate as the root path; nothing is solved with C.
-        product = self._kronecker_product(xp, *self._grams(xp, storage), self._rows_first(xp, x))
-        return self._columns_to_blocks(xp, product)
+        weight, bias = self._split_augmented(xp, x)
+        return self._join(xp, *self._kronecker_product(xp, *self._grams(xp, storage), weight, bias))
 
     def _grams(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
         """sample_scale^2 C_out = sample_scale^2 S_out S_out^T (d_out x d_out) and
@@ -304,49 +320,43 @@ class Kronecker(Structure):
             return weight
         return xp.concat([weight, xp.expand_dims(bias, axis=-1)], axis=2)
 
-    def _rows_first(self, xp: Any, x: list[Array]) -> Array:
-        """Per-name blocks -> X~ with d_out leading, as a (d_out, B d_aug) matrix (one copy)."""
-        weight, bias = self._split_augmented(xp, x)
-        rows = xp.permute_dims(weight, (1, 0, 2))  # (d_out, B, d_in)
-        if bias is not None:
-            rows = xp.concat([rows, xp.expand_dims(xp.matrix_transpose(bias), axis=-1)], axis=2)
-        return xp.reshape(rows, (self.d_out, weight.shape[0] * self.d_aug))
+    def _join(self, xp: Any, weight: Array, bias: Array | None) -> list[Array]:
+        """(B, d_out, d_in) and (B, d_out) from `_kronecker_product` -> per-name blocks.
 
-    def _columns_to_rows(self, xp: Any, y: Array) -> Array:
-        """(d_aug, d_out B) from `_kronecker_product` -> (d_out, B d_aug), one transposing copy."""
-        d_out, d_aug = self.d_out, self.d_aug
-        batch = y.shape[1] // d_out
-        y = xp.permute_dims(xp.reshape(y, (d_aug, d_out, batch)), (1, 2, 0))
-        return xp.reshape(y, (d_out, batch * d_aug))
-
-    def _columns_to_blocks(self, xp: Any, y: Array) -> list[Array]:
-        """(d_aug, d_out B) from `_kronecker_product` -> per-name blocks (weight row-major,
-        then the bias column): one copy of the weight block."""
-        d_out, d_in = self.d_out, self.d_in
-        batch = y.shape[1] // d_out
-        y = xp.permute_dims(
-            xp.reshape(y, (self.d_aug, d_out, batch)), (2, 1, 0)
-        )  # (B, d_out, d_aug)
+        The weight block is already vec_r of the weight (a view where it is contiguous,
+        which `_kronecker_product`'s output is).
+        """
         blocks = {
-            "weight": xp.reshape(y[:, :, :d_in] if self.has_bias else y, (batch, d_out * d_in)),
-            "bias": y[:, :, d_in] if self.has_bias else None,
+            "weight": xp.reshape(weight, (weight.shape[0], self.d_out * self.d_in)),
+            "bias": bias,
         }
         return [blocks[name] for name in self.layout.names]
 
-    def _kronecker_product(self, xp: Any, left: Array, right: Array, rows: Array) -> Array:
+    def _kronecker_product(
+        self, xp: Any, left: Array, right: Array, weight: Array, bias: Array | None
+    ) -> tuple[Array, Array | None]:
         """(left ⊗ right) vec_r(X~) = vec_r(left X~ right^T) for ``left`` (d_out, d_out),
-        ``right`` (d_aug, d_aug) and X~ given with d_out leading (``rows``, (d_out, B d_aug),
-        `_rows_first`); returns it with d_aug leading, (d_aug, d_out B).
+        ``right`` (d_aug, d_aug) and X~ = [X_W | x_b] given as its blocks: ``weight``
+        (B, d_out, d_in) (a view of the flat input) and ``bias`` (B, d_out) or ``None``.
+        Returns the same two blocks of the result.
 
-        Two GEMMs of O(B P (d_out + d_aug)), each a small square matrix times a wide one
-        (the batch folded into the columns): the fast shape for BLAS.
+        left X~ first: T_W = left X_W (a batched GEMM over d_out) and t_b = x_b left^T,
+        joined into T~ = [T_W | t_b] (B, d_out, d_aug) (one copy of that size, cheaper
+        than a rank-one update of the result); then Y_W = T~ R[:, :d_in] and
+        y_b = T~ R[:, d_in] with R = right^T (one GEMM folding the batch into its rows,
+        one GEMV pass). The input is read in place (never concatenated) and nothing is
+        transposed in memory: the weight block comes out contiguous, in vec_r order.
+        Two GEMMs of B P (d_out + d_aug) multiply-adds in all, plus O(B P).
         """
-        t = _linalg.matmul(xp, left, rows)  # left X~, (d_out, B d_aug)
-        rechunk = getattr(xp, "rechunk", None)
-        if rechunk is not None:  # dask reshapes only along whole chunks; t is small (B P)
-            t = rechunk(t, {0: -1, 1: -1})
-        t = xp.reshape(t, (t.shape[1] // self.d_aug * self.d_out, self.d_aug))  # (d_out B, d_aug)
-        return xp.matmul(right, xp.matrix_transpose(t))  # (left X~ right^T)^T, (d_aug, d_out B)
+        d_in = self.d_in
+        rt = xp.matrix_transpose(right)
+        t = _linalg.matmul(xp, left, weight)  # left X_W, (B, d_out, d_in): contracts d_out
+        if bias is None:
+            return xp.matmul(t, rt), None
+        t_bias = _linalg.matmul(xp, bias, xp.matrix_transpose(left))  # x_b left^T, (B, d_out)
+        t = xp.concat([t, xp.expand_dims(t_bias, axis=-1)], axis=-1)  # T~, (B, d_out, d_aug)
+        # y_b with a 1-D right operand: one matrix-vector pass, no (B, d_out, 1) result.
+        return xp.matmul(t, rt[:, :d_in]), xp.matmul(t, rt[:, d_in])
 
     def _diagonal_factors(self, xp: Any, storage: Storage) -> tuple[Array, Array, Array | None]:
         """diag(C_out) * sample_scale^2, diag(C_in) weight rows, and the bias row's entry."""
@@ -413,16 +423,18 @@ class Kronecker(Structure):
         g_in = xp.matmul(xp.matrix_transpose(inverse.input), inverse.input)  # C_in^-1
         if self.sample_scale != 1.0:
             g_out = g_out / (self.sample_scale**2)
-        rows = self._rows_first(xp, x)
-        y = self._kronecker_product(xp, g_out, g_in, rows)  # (d_aug, d_out B)
+        weight, bias = self._split_augmented(xp, x)
+        y_weight, y_bias = self._kronecker_product(xp, g_out, g_in, weight, bias)
         # One step of iterative refinement: y += Sigma^-1 (x - Sigma y).
-        product = self._kronecker_product(
-            xp, *self._grams(xp, storage), self._columns_to_rows(xp, y)
-        )
-        residual = rows - self._columns_to_rows(xp, product)
-        del rows, product
-        y = add_into(y, self._kronecker_product(xp, g_out, g_in, residual))
-        return self._columns_to_blocks(xp, y)
+        p_weight, p_bias = self._kronecker_product(xp, *self._grams(xp, storage), y_weight, y_bias)
+        r_weight = weight - p_weight
+        r_bias = None if bias is None or p_bias is None else bias - p_bias
+        del p_weight, p_bias
+        d_weight, d_bias = self._kronecker_product(xp, g_out, g_in, r_weight, r_bias)
+        y_weight = add_into(y_weight, d_weight)
+        if y_bias is not None and d_bias is not None:
+            y_bias = add_into(y_bias, d_bias)
+        return self._join(xp, y_weight, y_bias)
 
     def quadratic(self, xp: Any, storage: Storage, state: Array, x: list[Array]) -> Array:
         """x^T Sigma^-1 x per row, shape (B,): |S^-1 x|^2 (`whitened_quadratic`), a sum of

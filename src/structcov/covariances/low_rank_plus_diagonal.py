@@ -23,6 +23,7 @@ from ._structure import (
     positive,
     require_parameters,
     row_norms,
+    scale_into,
     split_flat,
     total,
 )
@@ -119,6 +120,32 @@ class LowRankPlusDiagonal(Structure):
             )
             out.append(add_into(block, diagonal_part))  # one (B, n) temporary fewer
         return out
+
+    def sample_blocks(self, xp: Any, storage: Storage, noise: list[Array]) -> list[Array]:
+        """`blocks` for a z that is handed over (``noise``, a one-element list, emptied).
+
+        Each name's diagonal columns of z are scaled by d in place (a view of z's
+        buffer where the backend has views; JAX rebinds the slice alone, which is all
+        that is read afterwards), so S z = U z[:, :r] + (d * z[:, r:]) needs no
+        (B, n) temporary: the peak is z + the output + d, where `blocks` (which must
+        leave z intact) holds one more (B, n) array. The same products and
+        roundings, so the same values.
+        """
+        z = noise.pop()
+        rank = self.rank
+        # Every in-place write first: torch's autograd saves z[:, :r] for the products
+        # with U, and a write through any view of z after that would invalidate it.
+        parts = [
+            scale_into(
+                z[:, rank + offset : rank + offset + size], self._d(xp, storage, scale, size)
+            )
+            for _, scale, offset, size in self._names
+        ]
+        low = z[:, :rank]
+        return [
+            add_into(xp.matmul(low, xp.matrix_transpose(self._u(xp, storage, factor, size))), part)
+            for (factor, _, _, size), part in zip(self._names, parts, strict=True)
+        ]
 
     def _low_rank_rmatmul(self, xp: Any, storage: Storage, x: list[Array]) -> Array:
         """U^T x, shape (B, rank)."""
