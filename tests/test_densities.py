@@ -241,11 +241,10 @@ def test_kl_divergence(backend: Backend, dtype: str, q_kind: str, p_kind: str) -
     p, dp = target(p_kind, q, backend, dtype)
     if not dp.full_rank:
         assert p.cov.is_singular
-        if q.cov.is_singular:  # equal supports are not decided: refused
-            with pytest.raises(ValueError, match="both `q` and `p` singular"):
-                sc.kl_divergence(q, p)
-        else:  # q has a density on R^P, p does not: not absolutely continuous
-            assert backend.to_numpy(sc.kl_divergence(q, p)) == np.inf
+        # q has a density on R^P, or lives on a subspace other than p's (independent
+        # storage; equal supports are tested in tests/test_kl_singular.py): not
+        # absolutely continuous, +inf.
+        assert backend.to_numpy(sc.kl_divergence(q, p)) == np.inf
         return
     kl = sc.kl_divergence(q, p)
     check_scalar(kl, backend, dtype)
@@ -260,12 +259,13 @@ def test_kl_divergence(backend: Backend, dtype: str, q_kind: str, p_kind: str) -
 @pytest.mark.parametrize("structure", STRUCTURE_IDS)
 def test_kl_of_q_to_itself_is_zero(backend: Backend, dtype: str, structure: str) -> None:
     q, dense = gaussian(structure, backend, dtype)
-    if not dense.full_rank:
-        with pytest.raises(ValueError, match="singular"):
-            sc.kl_divergence(q, q)
-        return
+    cond = dense.cond
+    if not dense.full_rank:  # 0 on its own support: the condition number there
+        values = np.linalg.eigvalsh(dense.sigma)
+        kept = values[values > 1e-9 * values.max()]
+        cond = float(kept.max() / kept.min())
     kl = backend.to_numpy(sc.kl_divergence(q, q))
-    assert abs(kl) <= C * eps(dtype) * (q.num_params + 1) * dense.cond, kl
+    assert abs(kl) <= C * eps(dtype) * (q.num_params + 1) * cond, kl
 
 
 def test_prior_variances_are_sigma_squared(backend: Backend, dtype: str) -> None:

@@ -31,7 +31,17 @@ from typing import Any
 
 from ._array_api import Array, backend_name
 
-__all__ = ["cholesky", "eigh", "logabsdet", "matmul", "register_override", "solve"]
+__all__ = [
+    "cholesky",
+    "eigh",
+    "logabsdet",
+    "matmul",
+    "qr",
+    "register_override",
+    "solve",
+    "svd",
+    "svdvals",
+]
 
 #: (backend name, "matmul" | "one_piece") -> replacement; filled by adapters only.
 _OVERRIDES: dict[tuple[str, str], Callable[..., Array]] = {}
@@ -140,3 +150,26 @@ def eigh(xp: Any, a: Array) -> tuple[Array, Array]:
         )
     values, vectors = function(a)
     return values, vectors
+
+
+def qr(xp: Any, a: Array) -> tuple[Array, Array]:
+    """The reduced QR of an (n, k) ``a``: Q (n, min(n, k)) with orthonormal columns and
+    R (min(n, k), k) upper triangular. O(n k^2). dask needs one column chunk (its TSQR
+    splits rows only), which is all this asks for: Q keeps ``a``'s row chunks."""
+    q, r = xp.linalg.qr(_one_chunk(xp, a, (-1,)))
+    return q, r
+
+
+def svd(xp: Any, a: Array) -> tuple[Array, Array, Array]:
+    """The reduced SVD ``(U, s, V^T)`` of a small (m, k) matrix (an R factor, a whitened
+    r x r block), s descending. O(m k min(m, k)); the matrix is put in one piece."""
+    u, s, vt = xp.linalg.svd(_one_chunk(xp, a, (-2, -1)), full_matrices=False)
+    return u, s, vt
+
+
+def svdvals(xp: Any, a: Array) -> Array:
+    """The singular values of a small (m, k) matrix, descending. O(m k min(m, k)).
+
+    From the reduced `svd`: dask's ``svdvals`` (array-api-compat) asks for the full one,
+    which dask refuses."""
+    return svd(xp, a)[1]

@@ -36,7 +36,7 @@ from ._array_api import (
 )
 from ._layout import normalize_mean
 from ._random import standard_normal, standard_normals
-from .covariances._kl import kl_function, kl_to_normal_function
+from .covariances._kl import kl_function, kl_singular_function, kl_to_normal_function
 from .covariances._structure import (
     Storage,
     Structure,
@@ -677,7 +677,10 @@ def kl_divergence(
     Dispatched on (type of q's structure, type of p's structure) through the KL
     registry (`structcov.covariances._kl`); each registration states its identity and cost.
     ``+inf`` for a singular ``p`` and a full-rank ``q`` (q is not absolutely continuous
-    with respect to p); ``ValueError`` when both are singular by construction.
+    with respect to p). When both are singular by construction: the KL of the two
+    densities on their common support where the supports coincide (decided with the
+    tolerance of `structcov.covariances._kl.Support`: rank, principal angles and the
+    mean difference's off-support part against max(P, K) eps cond), else ``+inf``.
     """
     q_structure, q_storage, q_mean = q
     p_structure, p_storage, p_mean = p
@@ -691,20 +694,27 @@ def kl_divergence(
     xp = namespace(q_ref, p_ref, argument="`q` and `p`")
     if q_ref.dtype != p_ref.dtype:
         raise TypeError(f"`q` and `p` must share one dtype, got {q_ref.dtype} and {p_ref.dtype}")
+    difference = flat_mean(p_structure, p_mean) - flat_mean(q_structure, q_mean)
     if p_structure.is_singular:
         if not q_structure.is_singular:
             # q has a density on all of R^P, p lives on a subspace: q is not absolutely
             # continuous with respect to p, so the divergence is +inf exactly.
             return xp.full((), math.inf, dtype=q_ref.dtype, device=device_of(q_ref))
-        raise ValueError(
-            f"KL(q || p) with both `q` and `p` singular ({q_structure!r} and {p_structure!r}) "
-            "is finite only when their supports coincide, which structcov does not decide "
-            "in floating point; compare them through a full-rank structure "
-            "(e.g. LowRankPlusDiagonalCovariance)"
+        # Both on subspaces: finite on a common support (decided with a tolerance).
+        mean_size = _norm(xp, flat_mean(q_structure, q_mean)) + _norm(
+            xp, flat_mean(p_structure, p_mean)
         )
-    difference = flat_mean(p_structure, p_mean) - flat_mean(q_structure, q_mean)
+        singular = kl_singular_function(type(q_structure), type(p_structure))
+        return singular(xp, q_structure, q_storage, p_structure, p_storage, difference, mean_size)
     function = kl_function(type(q_structure), type(p_structure))
     return function(xp, q_structure, q_storage, p_structure, p_storage, difference)
+
+
+def _norm(xp: Any, x: Array) -> Array:
+    """|x|_2 of a flat vector, scaled first (no overflow of x^2 in float32)."""
+    top = xp.max(xp.abs(x)) if x.shape[0] else xp.zeros((), dtype=x.dtype)
+    safe = xp.where(top > 0, top, xp.ones_like(top))
+    return top * xp.sqrt(xp.sum((x / safe) ** 2))
 
 
 def kl_to_normal(

@@ -274,8 +274,10 @@ def kl_divergence(q: Any, p: Any) -> Array:
     ``q`` and ``p`` are core `GaussianParameter` s or an adapter's modules. ``+inf``
     exactly when one side is singular by construction (e.g. low rank with rank < P)
     and the other is not: q is then not absolutely continuous with respect to p (or
-    log det Sigma_q = -inf). Both singular raises ``ValueError`` (finite only for
-    equal supports, which is not decided in floating point).
+    log det Sigma_q = -inf). Both singular by construction: the KL of the two densities
+    on their common support (pseudo-determinants and pseudo-inverse) when the supports
+    coincide, ``+inf`` otherwise; "coincide" is decided with a tolerance of
+    max(P, K) eps cond (see `structcov.functional.kl_divergence`).
     """
     if not isinstance(p, bool) and isinstance(p, numbers.Real):
         sigma = float(p)

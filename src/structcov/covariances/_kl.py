@@ -9,16 +9,20 @@ registration along both classes' method resolution orders, q's first. The generi
 pair (Structure, Structure) registered here is exact for every pair. Registered
 functions take ``(xp, q, q_storage, p, p_storage, difference)`` with ``difference``
 the flat (P,) vector m_p - m_q and return the KL as a 0-D array; ``p`` is never
-singular there (the caller raises first).
+singular there: when both are singular by construction the caller dispatches to a
+second registry (`register_kl_singular`), whose functions decide whether the
+supports coincide (`Support`, with a stated tolerance) and compute the KL of the two
+densities on that common support.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from .._array_api import Array
+from .. import _linalg
+from .._array_api import Array, device_of
 from ._structure import (
     Storage,
     Structure,
@@ -30,14 +34,19 @@ from ._structure import (
 
 __all__ = [
     "KLFunction",
+    "KLSingularFunction",
     "KLToNormalFunction",
+    "Support",
     "finish",
     "kl_function",
+    "kl_singular_function",
     "kl_to_normal_function",
     "mahalanobis",
     "ratio_excess",
     "register_kl",
+    "register_kl_singular",
     "register_kl_to_normal",
+    "support",
 ]
 
 KLFunction = Callable[[Any, Any, Storage, Any, Storage, Array], Array]
@@ -77,6 +86,38 @@ def kl_function(q_type: type, p_type: type) -> KLFunction:
     raise NotImplementedError(
         f"no KL divergence is registered for the pair ({q_type.__name__}, {p_type.__name__}); "
         "register one with structcov.covariances._kl.register_kl"
+    )
+
+
+#: ``(xp, q, q_storage, p, p_storage, difference, mean_size) -> KL(q || p)`` for q and p
+#: both singular by construction; ``mean_size`` = |m_q| + |m_p| (a 0-D array), the scale
+#: below which an off-support mean difference is rounding.
+KLSingularFunction = Callable[[Any, Any, Storage, Any, Storage, Array, Array], Array]
+_H = TypeVar("_H", bound=KLSingularFunction)
+#: (type of q, type of p) -> KL on the common support
+_SINGULAR: dict[tuple[type, type], KLSingularFunction] = {}
+
+
+def register_kl_singular(q_type: type, p_type: type) -> Callable[[_H], _H]:
+    """Register the decorated function as KL(q || p) for q and p both singular by
+    construction (structures of these types); see `Support` for the decision."""
+
+    def decorate(function: _H) -> _H:
+        _SINGULAR[q_type, p_type] = function
+        return function
+
+    return decorate
+
+
+def kl_singular_function(q_type: type, p_type: type) -> KLSingularFunction:
+    """The most specific registered KL on a common support (q's class first)."""
+    for q_class in q_type.__mro__:
+        for p_class in p_type.__mro__:
+            found = _SINGULAR.get((q_class, p_class))
+            if found is not None:
+                return found
+    raise NotImplementedError(  # pragma: no cover -- (Structure, Structure) is registered
+        f"no KL on a common support is registered for ({q_type.__name__}, {p_type.__name__})"
     )
 
 
@@ -219,3 +260,125 @@ def _mean_term(xp: Any, means: list[Array], scale: float) -> Array:
     for part in parts[1:]:
         out = out + part
     return out
+
+
+# ---------------------------------------------------------------- singular pairs
+# Two covariances singular by construction (a dense factor with K < P, a low-rank
+# Kronecker structure): q is absolutely continuous with respect to p exactly when
+# both live on the same affine subspace, m_q + range(Sigma_q) = m_p + range(Sigma_p).
+# Then KL is that of two densities on the common subspace (pseudo-determinants,
+# pseudo-inverse), else +inf. "Same subspace" is decided in floating point with the
+# tolerance of `Support`.
+
+
+class Support(NamedTuple):
+    """range(A A^T) of an (n, k) factor A, from A = Q R (QR) and R = U_R diag(s) V^T (SVD).
+
+    ``basis`` Q U_R (n, m), m = min(n, k), orthonormal columns: the left singular
+    vectors of A; ``values`` s (m,), descending; ``kept`` (m,) bool, s_i > tol s_1 with
+    tol = max(n, k) eps (the rule of numpy.linalg.matrix_rank); ``rank`` sum(kept) and
+    ``cond`` s_1 / s_rank (1 when the rank is 0), both 0-D arrays in A's dtype.
+    O(n k^2), memory O(n k); jit-safe (masks, no data-dependent shape).
+    """
+
+    basis: Array
+    values: Array
+    kept: Array
+    rank: Array
+    cond: Array
+
+
+def support(xp: Any, factor: Array) -> Support:
+    """The `Support` of an (n, k) factor (QR first: the SVD of A's small R factor is
+    as accurate as A's own, without A^T A squaring its condition number)."""
+    n, k = factor.shape
+    q, r = _linalg.qr(xp, factor)
+    u, s, _ = _linalg.svd(xp, r)
+    basis = xp.matmul(q, u)
+    eps = float(xp.finfo(factor.dtype).eps)
+    top = xp.max(s)
+    kept = s > (max(n, k) * eps) * top
+    rank = xp.sum(xp.astype(kept, factor.dtype))
+    smallest = xp.min(xp.where(kept, s, xp.full_like(s, math.inf)))
+    safe = xp.where(rank > 0, smallest, xp.ones_like(smallest))
+    cond = xp.where(rank > 0, top / safe, xp.ones_like(top))
+    return Support(basis, s, kept, rank, cond)
+
+
+def _kept_basis(xp: Any, found: Support) -> Array:
+    """The basis with its dropped columns zeroed: U_k, padded to the static width m."""
+    return found.basis * xp.astype(found.kept, found.basis.dtype)
+
+
+def off_support(xp: Any, found: Support, x: Array) -> Array:
+    """|(I - U_k U_k^T) x|_F for an (n, c) ``x``: the part of x outside the support. O(n m c)."""
+    basis = _kept_basis(xp, found)
+    coordinates = _linalg.matmul(xp, xp.matrix_transpose(basis), x)
+    residual = x - xp.matmul(basis, coordinates)
+    return xp.sqrt(xp.sum(residual * residual))
+
+
+def whiten(xp: Any, found: Support, x: Array) -> Array:
+    """diag(kept / s) U^T x, shape (m, c): x in the support's coordinates, whitened by
+    the factor (Sigma^+1/2 x, the pseudo-inverse root); dropped rows are 0."""
+    s = found.values
+    inverse = xp.where(found.kept, 1.0 / xp.where(found.kept, s, xp.ones_like(s)), xp.zeros_like(s))
+    coordinates = _linalg.matmul(xp, xp.matrix_transpose(found.basis), x)
+    return coordinates * xp.expand_dims(inverse, axis=1)
+
+
+def top_excess(xp: Any, values: Array, count: Array) -> Array:
+    """sum over the first ``count`` of ``values`` (descending) of sigma^2 - 1 - 2 log sigma,
+    each term >= 0 (`ratio_excess`, accurate near sigma = 1; +inf for a zero sigma)."""
+    excess, _ = ratio_excess(xp, values, xp.ones_like(values))
+    index = xp.astype(xp.arange(values.shape[0], device=device_of(values)), values.dtype)
+    return xp.sum(xp.where(index < count, excess, xp.zeros_like(excess)))
+
+
+@register_kl_singular(Structure, Structure)
+def _kl_singular_generic(
+    xp: Any,
+    q: Structure,
+    q_storage: Storage,
+    p: Structure,
+    p_storage: Storage,
+    difference: Array,
+    mean_size: Array,
+) -> Array:
+    """Both singular by construction: KL on the common support, or +inf.
+
+    With S = [columns of S_q S_p] formed (K_q + K_p vectors, O((K_q + K_p) P) memory:
+    a dense factor's own storage; r_out r_in P for a low-rank Kronecker structure), and
+    `Support` U_q, U_p (QR + SVD, O(P (K_q^2 + K_p^2))):
+
+    - supports equal <=> rank_q = rank_p, |(I - U_p U_p^T) U_q|_F <= tol (cond_q + cond_p)
+      and |(I - U_p U_p^T) d|| <= tol cond_p (|m_q| + |m_p|), tol = max(P, K_q, K_p) eps
+      (what rounding moves a computed subspace by); otherwise +inf;
+    - then, with T = diag(1 / s_p) U_p^T S_q (q whitened by p on the support, k x K_q)
+      and sigma_i its k largest singular values, every term >= 0:
+      2 KL = sum_i (sigma_i^2 - 1 - 2 log sigma_i) + |diag(1 / s_p) U_p^T d|^2,
+      the full-rank formula on the k-dimensional support (tr(Sigma_p^+ Sigma_q) =
+      sum sigma_i^2, pdet Sigma_q / pdet Sigma_p = prod sigma_i^2). KL(q || q) is 0 to
+      rounding (sigma_i = 1).
+    """
+    ref = q_storage[q.slots[0].path]
+    p_ref = p_storage[p.slots[0].path]
+    a_q = xp.matrix_transpose(
+        assemble(xp, q.blocks(xp, q_storage, eye(xp, q.num_factor_columns, ref)))
+    )  # S_q, (P, K_q)
+    a_p = xp.matrix_transpose(
+        assemble(xp, p.blocks(xp, p_storage, eye(xp, p.num_factor_columns, p_ref)))
+    )
+    found_q, found_p = support(xp, a_q), support(xp, a_p)
+    eps = float(xp.finfo(ref.dtype).eps)
+    tol = max(q.num_params, q.num_factor_columns, p.num_factor_columns) * eps
+    d = xp.reshape(difference, (difference.shape[0], 1))
+    apart = (
+        (found_q.rank != found_p.rank)
+        | (off_support(xp, found_p, _kept_basis(xp, found_q)) > tol * (found_q.cond + found_p.cond))
+        | (off_support(xp, found_p, d) > tol * found_p.cond * mean_size)
+    )
+    values = _linalg.svdvals(xp, whiten(xp, found_p, a_q))
+    mean = whiten(xp, found_p, d)
+    value = 0.5 * (top_excess(xp, values, found_p.rank) + xp.sum(mean * mean))
+    return finish(xp, value, apart)

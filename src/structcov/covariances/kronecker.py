@@ -10,7 +10,16 @@ from .. import _linalg
 from .._array_api import Array, device_of
 from .._layout import Layout
 from ._base import register_covariance
-from ._kl import kl_from_trace, register_kl
+from ._kl import (
+    finish,
+    kl_from_trace,
+    off_support,
+    register_kl,
+    register_kl_singular,
+    support,
+    top_excess,
+    whiten,
+)
 from ._structure import (
     Slot,
     Storage,
@@ -522,6 +531,87 @@ def _kl_kronecker_kronecker(
     ratios = [xp.sum(_linalg.solve(xp, s_p, s_q) ** 2) for s_p, s_q in factors]
     trace = ratios[0] * ratios[1] * (q.sample_scale / p.sample_scale) ** 2
     return kl_from_trace(xp, trace, q, q_storage, p, p_storage, p_state, difference)
+
+
+@register_kl_singular(Kronecker, Kronecker)
+def _kl_kronecker_singular(
+    xp: Any,
+    q: Kronecker,
+    q_storage: Storage,
+    p: Kronecker,
+    p_storage: Storage,
+    difference: Array,
+    mean_size: Array,
+) -> Array:
+    """Two Kronecker structures singular by construction: KL on the common support.
+
+    range(Sigma) = range(A_out) ⊗ range(A_in) (A_out = sample_scale S_out, A_in = S_in),
+    so with the `Support` of each factor (QR + SVD of d x r matrices, O(d_out r_out^2 +
+    d_aug r_in^2)) the supports coincide <=> rank_out^q rank_in^q = rank_out^p rank_in^p
+    and, when that is not 0, both factor subspaces coincide (principal angles within
+    max(d, r) eps (cond_q + cond_p) per factor) and the mean difference D~ (d_out x d_aug)
+    has no part outside (|D~ - P_out D~ P_in|_F <= max(P, K) eps cond_out cond_in
+    (|m_q| + |m_p|)); otherwise +inf. On the support, with sigma_i / tau_j the singular
+    values of q's factors whitened by p's (T_out = diag(1 / s_out) U_out^T A_out^q), the
+    whitened covariance is diag(sigma^2) ⊗ diag(tau^2) in a rotated basis (mixed-product
+    rule), so
+
+        2 KL = sum_ij ((sigma_i tau_j)^2 - 1 - 2 log(sigma_i tau_j))
+               + |diag(1 / s_out) U_out^T D~ U_in diag(1 / s_in)|_F^2,
+
+    every term >= 0 (0 for KL(q || q)). O(d_out^3 + d_aug^3 + P (d_out + d_aug)),
+    memory O(P + d_out^2 + d_aug^2): never the Kronecker product.
+    """
+
+    def factors(k: Kronecker, storage: Storage) -> tuple[Array, Array]:
+        out = storage["output_factor"] * k.sample_scale  # 0 for sample_scale 0: rank 0
+        return out, k.square_input_factor(xp, storage)
+
+    q_out, q_in = factors(q, q_storage)
+    p_out, p_in = factors(p, p_storage)
+    found = [support(xp, a) for a in (q_out, q_in, p_out, p_in)]
+    fq_out, fq_in, fp_out, fp_in = found
+    eps = float(xp.finfo(q_out.dtype).eps)
+    rank_q, rank_p = fq_out.rank * fq_in.rank, fp_out.rank * fp_in.rank
+
+    def angle_apart(fq: Any, fp: Any, size: int, columns: int) -> Array:
+        tol = max(size, columns) * eps * (fq.cond + fp.cond)
+        return off_support(xp, fp, fq.basis * xp.astype(fq.kept, fq.basis.dtype)) > tol
+
+    apart_factors = angle_apart(fq_out, fp_out, p.d_out, max(q.output_rank, p.output_rank))
+    apart_factors = apart_factors | angle_apart(
+        fq_in, fp_in, p.d_aug, max(q.input_rank, p.input_rank)
+    )
+    rows = split_flat(p, xp.reshape(difference, (1, difference.shape[0])))
+    tilde = p._augment(xp, rows)[0, ...]  # D~, (d_out, d_aug)
+    # P_out D~ P_in: D~ projected on both factor supports, then what is left.
+    kept_out = fp_out.basis * xp.astype(fp_out.kept, tilde.dtype)
+    kept_in = fp_in.basis * xp.astype(fp_in.kept, tilde.dtype)
+    inner = xp.matmul(xp.matmul(xp.matrix_transpose(kept_out), tilde), kept_in)
+    residual = tilde - xp.matmul(xp.matmul(kept_out, inner), xp.matrix_transpose(kept_in))
+    tol = max(p.num_params, q.num_factor_columns, p.num_factor_columns) * eps
+    mean_apart = xp.sqrt(xp.sum(residual * residual)) > (tol * fp_out.cond * fp_in.cond * mean_size)
+    apart = (rank_q != rank_p) | ((rank_p > 0) & apart_factors) | mean_apart
+
+    sigma = _linalg.svdvals(xp, whiten(xp, fp_out, q_out))
+    tau = _linalg.svdvals(xp, whiten(xp, fp_in, q_in))
+    # Excess of each product sigma_i tau_j over the first rank_out x rank_in pairs.
+    index_out = xp.astype(xp.arange(sigma.shape[0], device=device_of(sigma)), sigma.dtype)
+    index_in = xp.astype(xp.arange(tau.shape[0], device=device_of(tau)), tau.dtype)
+    inside = xp.expand_dims(index_out < fp_out.rank, axis=1) & xp.expand_dims(
+        index_in < fp_in.rank, axis=0
+    )
+    products = xp.reshape(xp.expand_dims(sigma, axis=1) * xp.expand_dims(tau, axis=0), (-1,))
+    flat_inside = xp.reshape(inside, (-1,))
+    excess = top_excess(
+        xp,
+        xp.where(flat_inside, products, xp.ones_like(products)),
+        xp.asarray(float(products.shape[0]), dtype=products.dtype, device=device_of(products)),
+    )
+    # (diag(1 / s_in) U_in^T (diag(1 / s_out) U_out^T D~)^T)^T: both sides whitened.
+    whitened = whiten(xp, fp_in, xp.matrix_transpose(whiten(xp, fp_out, tilde)))
+    value = 0.5 * (excess + xp.sum(whitened * whitened))
+    return finish(xp, value, apart)
 
 
 def _kl_whitened(
