@@ -1,7 +1,7 @@
 """KL(q || p) between structured Gaussians at P = 1e6 (float32): time and peak memory per pair.
 
     python benchmarks/kl_pairs.py [--backends numpy,torch] [--params 1000000] [--rank 32]
-                                  [--repeats 3] [--smoke]
+                                  [--repeats 3] [--smoke] [--pairs low_rank:low_rank,...]
 
 Every pair runs ``structcov.kl_divergence(q, p)`` on one dense layer (``weight``
 ``(d_out, d_in)`` and ``bias`` ``(d_out,)``, ``layer_shape``: 1e6 -> 1000 x 999 + bias, so a
@@ -31,7 +31,7 @@ from _backends import Kit, backend_unavailable
 from _common import layer_shape, load_average, machine_info
 
 import structcov as sc
-from structcov.covariances._kl import kl_function
+from structcov.covariances._kl import kl_function, kl_singular_function
 
 #: id -> covariance factory taking the rank of the low-rank kinds
 KINDS: dict[str, Callable[[int], sc.FactorizedCovariance]] = {
@@ -39,7 +39,10 @@ KINDS: dict[str, Callable[[int], sc.FactorizedCovariance]] = {
     "low_rank": lambda rank: sc.LowRankCovariance(rank),
     "lrpd": lambda rank: sc.LowRankPlusDiagonalCovariance(rank),
     "kronecker": lambda rank: sc.KroneckerCovariance(),
+    "kronecker_low": lambda rank: sc.KroneckerCovariance(input_rank=rank, output_rank=rank),
 }
+#: singular by construction: a pair of these compares on their common support
+SINGULAR = ("low_rank", "kronecker_low")
 
 #: (q kind, p kind): the new structured pairs first, then existing ones for reference
 PAIRS = (
@@ -52,6 +55,8 @@ PAIRS = (
     ("kronecker", "diagonal"),
     ("lrpd", "lrpd"),
     ("kronecker", "kronecker"),
+    ("low_rank", "low_rank"),
+    ("kronecker_low", "kronecker_low"),
 )
 
 SMOKE_PARAMS = 64
@@ -60,6 +65,8 @@ SMOKE_PARAMS = 64
 def label(kind: str, rank: int, shape: tuple[int, int]) -> str:
     if kind == "kronecker":
         return f"Kronecker({shape[0]}x{shape[1] + 1})"
+    if kind == "kronecker_low":
+        return f"Kronecker({shape[0]}x{shape[1] + 1}, ranks {rank})"
     return {"diagonal": "Diagonal", "low_rank": f"LowRank({rank})", "lrpd": f"LRPD({rank})"}[kind]
 
 
@@ -96,6 +103,18 @@ def build(kit: Kit, kind: str, rank: int, shape: tuple[int, int], seed: int) -> 
     return param
 
 
+def same_support(kit: Kit, q: Any, kind: str, rank: int, seed: int) -> Any:
+    """A parameter on q's support (two singular kinds): q's factors times a
+    well-conditioned r x r matrix, so the KL is finite and every step of the support
+    decision runs (independent factors would only change the answer to +inf)."""
+    rng = np.random.default_rng(seed)
+    mix = _near_identity(rng, rank)
+    storage = {path: kit.to_numpy(value) @ mix for path, value in q.cov.storage().items()}
+    param = sc.GaussianParameter(dict(q.mean), KINDS[kind](rank))
+    param.cov.load_storage({path: kit.asarray(value) for path, value in storage.items()})
+    return param
+
+
 def _format_bytes(value: int | None) -> str:
     if value is None:
         return "-"
@@ -112,8 +131,12 @@ def _format_time(seconds: float) -> str:
 def measure(kit: Kit, q_kind: str, p_kind: str, args: argparse.Namespace) -> dict[str, Any]:
     shape = layer_shape(args.params)
     q = build(kit, q_kind, args.rank, shape, 1)
-    p = build(kit, p_kind, args.rank, shape, 2)
-    function = kl_function(type(q.cov.structure), type(p.cov.structure))
+    if q_kind == p_kind and q_kind in SINGULAR:
+        p = same_support(kit, q, p_kind, args.rank, 2)
+        function = kl_singular_function(type(q.cov.structure), type(p.cov.structure))
+    else:
+        p = build(kit, p_kind, args.rank, shape, 2)
+        function = kl_function(type(q.cov.structure), type(p.cov.structure))
     prepared = kit.prepare(lambda gen, q, p: sc.kl_divergence(q, p), (q, p))
     out, peak = prepared.peak(None)  # also the warm-up call
     kit.sync(out)
@@ -156,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help=f"P = {SMOKE_PARAMS}, one call")
+    parser.add_argument(
+        "--pairs", default="", help="only these pairs, e.g. low_rank:low_rank,lrpd:lrpd"
+    )
     args = parser.parse_args(argv)
     args.params = SMOKE_PARAMS if args.smoke else int(args.params)
     if args.smoke:
@@ -170,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {name}: {reason}", file=sys.stderr)
             continue
         kit = Kit(name, "cpu")
+        chosen = {tuple(pair.split(":")) for pair in args.pairs.split(",") if pair}
         for q_kind, p_kind in PAIRS:
+            if chosen and (q_kind, p_kind) not in chosen:
+                continue
             row = measure(kit, q_kind, p_kind, args)
             row["backend"] = kit.label
             rows.append(row)

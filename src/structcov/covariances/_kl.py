@@ -295,6 +295,7 @@ def support(xp: Any, factor: Array) -> Support:
     q, r = _linalg.qr(xp, factor)
     u, s, _ = _linalg.svd(xp, r)
     basis = xp.matmul(q, u)
+    del q  # n x m: not held while the caller forms the next one
     eps = float(xp.finfo(factor.dtype).eps)
     top = xp.max(s)
     kept = s > (max(n, k) * eps) * top
@@ -305,17 +306,20 @@ def support(xp: Any, factor: Array) -> Support:
     return Support(basis, s, kept, rank, cond)
 
 
-def _kept_basis(xp: Any, found: Support) -> Array:
-    """The basis with its dropped columns zeroed: U_k, padded to the static width m."""
-    return found.basis * xp.astype(found.kept, found.basis.dtype)
-
-
-def off_support(xp: Any, found: Support, x: Array) -> Array:
-    """|(I - U_k U_k^T) x|_F for an (n, c) ``x``: the part of x outside the support. O(n m c)."""
-    basis = _kept_basis(xp, found)
-    coordinates = _linalg.matmul(xp, xp.matrix_transpose(basis), x)
-    residual = x - xp.matmul(basis, coordinates)
-    return xp.sqrt(xp.sum(residual * residual))
+def off_support(xp: Any, found: Support, x: Array, columns: Array | None = None) -> Array:
+    """|(I - U_k U_k^T) x|_F for an (n, c) ``x``: the part of x outside the support, over
+    the columns where ``columns`` (a (c,) bool) is true (all by default). O(n m c); the
+    masks act on the m x c coordinates and the c column norms, so the only n-sized
+    temporary is the residual."""
+    coordinates = _linalg.matmul(xp, xp.matrix_transpose(found.basis), x)
+    coordinates = xp.where(
+        xp.expand_dims(found.kept, axis=1), coordinates, xp.zeros_like(coordinates)
+    )
+    residual = x - xp.matmul(found.basis, coordinates)
+    norms = xp.sum(residual * residual, axis=0)
+    if columns is not None:
+        norms = xp.where(columns, norms, xp.zeros_like(norms))
+    return xp.sqrt(xp.sum(norms))
 
 
 def whiten(xp: Any, found: Support, x: Array) -> Array:
@@ -363,22 +367,29 @@ def _kl_singular_generic(
     """
     ref = q_storage[q.slots[0].path]
     p_ref = p_storage[p.slots[0].path]
+    # One P x K matrix at a time (memory): p's support, then q's factor, its whitened
+    # form and its support.
+    found_p = support(
+        xp,
+        xp.matrix_transpose(
+            assemble(xp, p.blocks(xp, p_storage, eye(xp, p.num_factor_columns, p_ref)))
+        ),
+    )
     a_q = xp.matrix_transpose(
         assemble(xp, q.blocks(xp, q_storage, eye(xp, q.num_factor_columns, ref)))
     )  # S_q, (P, K_q)
-    a_p = xp.matrix_transpose(
-        assemble(xp, p.blocks(xp, p_storage, eye(xp, p.num_factor_columns, p_ref)))
-    )
-    found_q, found_p = support(xp, a_q), support(xp, a_p)
+    values = _linalg.svdvals(xp, whiten(xp, found_p, a_q))
+    found_q = support(xp, a_q)
+    del a_q
     eps = float(xp.finfo(ref.dtype).eps)
     tol = max(q.num_params, q.num_factor_columns, p.num_factor_columns) * eps
     d = xp.reshape(difference, (difference.shape[0], 1))
+    angle = off_support(xp, found_p, found_q.basis, found_q.kept)
     apart = (
         (found_q.rank != found_p.rank)
-        | (off_support(xp, found_p, _kept_basis(xp, found_q)) > tol * (found_q.cond + found_p.cond))
+        | (angle > tol * (found_q.cond + found_p.cond))
         | (off_support(xp, found_p, d) > tol * found_p.cond * mean_size)
     )
-    values = _linalg.svdvals(xp, whiten(xp, found_p, a_q))
     mean = whiten(xp, found_p, d)
     value = 0.5 * (top_excess(xp, values, found_p.rank) + xp.sum(mean * mean))
     return finish(xp, value, apart)

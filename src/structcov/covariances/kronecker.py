@@ -576,7 +576,7 @@ def _kl_kronecker_singular(
 
     def angle_apart(fq: Any, fp: Any, size: int, columns: int) -> Array:
         tol = max(size, columns) * eps * (fq.cond + fp.cond)
-        return off_support(xp, fp, fq.basis * xp.astype(fq.kept, fq.basis.dtype)) > tol
+        return off_support(xp, fp, fq.basis, fq.kept) > tol
 
     apart_factors = angle_apart(fq_out, fp_out, p.d_out, max(q.output_rank, p.output_rank))
     apart_factors = apart_factors | angle_apart(
