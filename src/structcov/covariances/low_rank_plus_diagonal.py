@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, final
 
 from .. import _linalg
-from .._array_api import Array, namespace
+from .._array_api import Array, device_of, namespace
 from .._layout import Layout
 from ._base import register_covariance
 from ._kl import finish, ratio_excess, register_kl
@@ -195,7 +195,9 @@ class LowRankPlusDiagonal(Structure):
         zero (Schur complement: (Sigma^-1)_ii = 1 / (u_i C_N^-1 u_i^T)), i.e. by less than
         float rounding, while the row w_i = u_i / t_i (|w_i|^2 = c / eps) stays in the
         range of the two-pass capacitance. So Sigma with 1..rank zeros (generically
-        regular) gets a finite, accurate log det, solve, density and KL, never 0/0.
+        regular) gets a finite, accurate log det, solve and density, never 0/0. A KL
+        against such a p reads its zeros exactly instead (`_split`, `_zero_terms`): the
+        Woodbury trace terms there would be rounding noise divided by d'^2.
 
         ``singular``: Sigma is singular for certain: more than ``rank`` zeros (the rows
         of Sigma there span at most ``rank`` dimensions), or a zero d_i with u_i = 0 (a
@@ -429,39 +431,171 @@ def _p_terms(
     return _trace_inverse(xp, p_state, total(grams))
 
 
-def _p_edges(
+class _Split(NamedTuple):
+    """p split at the exact zeros of its d that a KL must read exactly (`_split`)."""
+
+    prime: LowRankPlusDiagonal  #: p' (identity scale transform: its storage holds d')
+    storage: dict[str, Array]  #: p' per name: U' (n, r) with Z's rows 0, d' (n,) with d_Z = 1
+    rows: list[Array]  #: E_Z per name, (r, n): row j is e_{i_j}; rows of unused slots are 0
+    mask: list[Array]  #: Z per name, (n,) bool
+    used: Array  #: (r,) bool: slot j holds a zero of Z (j < |Z|)
+    dead: list[Array]  #: zero rows of Sigma_p per name, (n,) bool: d_i = 0 and u_i = 0
+    singular: Array  #: 0-D bool: Sigma_p certainly singular (as `LowRankPlusDiagonal._scales`)
+    factors: list[Array]  #: p's own U per name, (n, r)
+
+
+def _split(xp: Any, p: LowRankPlusDiagonal, p_storage: Storage, same: Array | None) -> _Split:
+    """The zero set Z of d_p that the KL reads exactly, and p' (p without it).
+
+    Z is every exact zero of d_p, or none where ``same`` (0-D bool: q's covariance is
+    p's, value for value): the identical pair is exactly 0 through the d' reading of
+    `LowRankPlusDiagonal._scales`, which is not accurate otherwise (measured: 1e-3
+    relative in float64 with the zeros of d_q at the same places and U_q = U_p). p' is
+    p with U's Z rows set to 0 and d_Z = 1, so Sigma_p' = Sigma_NN ⊕ I_Z; with Z empty
+    p' equals p (the same values: one code path).
+
+    Z is numbered by flat position (a running count, no sort) into ``rank`` static
+    slots; E_Z's rows for unused slots are 0. More than ``rank`` zeros leave the rest
+    without a slot: Sigma_p is singular then (``singular``) and the KL +inf. O(P r)
+    elementwise (E_Z and U' are P x r), jit-safe.
+    """
+    rank = p.rank
+    factors = [p._u(xp, p_storage, factor, size) for factor, _, _, size in p._names]
+    ds = [p._d(xp, p_storage, scale, size) for _, scale, _, size in p._names]
+    zeros = [d == 0 for d in ds]
+    dead = [z & (row_norms(xp, u) == 0) for z, u in zip(zeros, factors, strict=True)]
+    index_type = xp.int32
+    count = total(xp.sum(xp.astype(z, index_type)) for z in zeros)
+    singular = _or([xp.any(x) for x in dead]) | (count > rank)
+    needed = _or([xp.any(z) for z in zeros])
+    if same is not None:
+        needed = needed & ~same
+    like = factors[0]
+    device = device_of(like)
+    slots = xp.expand_dims(xp.arange(rank, dtype=index_type, device=device), axis=1)  # (r, 1)
+    seen = xp.zeros((), dtype=index_type, device=device)  # zeros of Z in the names before
+    prime = (
+        p if p.scale_transform == "identity" else LowRankPlusDiagonal(p.layout, rank, "identity")
+    )
+    storage: dict[str, Array] = {}
+    rows, masks = [], []
+    for (factor, scale, _, _), u, d, z in zip(p._names, factors, ds, zeros, strict=True):
+        mask = z & needed
+        flags = xp.astype(mask, index_type)
+        number = xp.cumulative_sum(flags) - 1 + seen  # j for the j-th zero of Z (where mask)
+        seen = seen + xp.sum(flags)
+        onehot = (slots == xp.expand_dims(number, axis=0)) & xp.expand_dims(mask, axis=0)
+        rows.append(xp.astype(onehot, like.dtype))
+        masks.append(mask)
+        storage[factor] = xp.where(xp.expand_dims(mask, axis=1), xp.zeros_like(u), u)
+        storage[scale] = xp.where(mask, xp.ones_like(d), d)
+    used = xp.arange(rank, dtype=index_type, device=device) < seen
+    return _Split(prime, storage, rows, masks, used, dead, singular, factors)
+
+
+def _schur_rows(
+    xp: Any, split: _Split, state: LowRankPlusDiagonalState
+) -> tuple[list[Array], Array]:
+    """(G^T per name (r, n), M (r x r)) with S = M M^T, from p''s ``state`` (C_N^-1 = T T^T).
+
+    U_Z = E_Z U, M = U_Z T, B = U_Z C_N^-1 = M T^T and G^T = E_Z - B D'^-2 U'^T, formed as
+    (B W'^T) / d' with W' = U' / d' (never U' / d'^2, which overflows for tiny d').
+    With Z empty, B = 0 and G^T = 0 exactly. O(P r^2), memory O(P r).
+    """
+    u_z = total(_linalg.matmul(xp, e, u) for e, u in zip(split.rows, split.factors, strict=True))
+    t = state.inverse_factor
+    m = xp.matmul(u_z, t)
+    b = xp.matmul(m, xp.matrix_transpose(t))
+    rows = []
+    for e, (factor, _, _, _), d in zip(split.rows, split.prime._names, state.scales, strict=True):
+        w = split.storage[factor] / xp.expand_dims(d, axis=1)
+        rows.append(e - xp.matmul(b, xp.matrix_transpose(w)) / xp.expand_dims(d, axis=0))
+    return rows, m
+
+
+def _zero_terms(
     xp: Any,
-    p: LowRankPlusDiagonal,
-    p_storage: Storage,
-    p_state: LowRankPlusDiagonalState,
+    split: _Split,
+    m: Array,
+    g_rows: list[Array],
+    k: Array,
     q_diagonal: list[Array],
     difference: Array,
-    q_scales: list[Array] | None = None,
-) -> tuple[Array, Array]:
-    """(infinite, undefined) from p's exact zeros of d, two 0-D bools.
+) -> Array:
+    """2 KL(q || p) - 2 KL(q || p'), 0-D: exactly 0 for an empty Z.
 
-    ``infinite``: Sigma_p certainly singular (more than ``rank`` zeros, or a zero row)
-    while q has a density (the callers' q is regular), or a zero row of Sigma_p where q
-    has mass (diag(Sigma_q)_i > 0 or a mean difference). ``undefined`` (NaN, not
-    computed): any other zero d_p, or with ``q_scales`` (q's own diagonal standard
-    deviations) only a zero d_p where q's is not 0. Sigma_p is regular then, but every trace term
-    against Sigma_p^-1 goes through Woodbury, (Sigma_p^-1)_ii = (1 - w_i C^-1 w_i^T) / d_i^2,
-    and with d_i read as the tiny d'_i the difference 1 - w_i C^-1 w_i^T is rounding
-    noise, multiplied by (d_q,i / d'_i)^2 ~ 1 / eps; a wrong finite KL would be worse than
-    NaN. Where d_q,i = 0 as well (e.g. KL(q || q)) that factor is moderate and the value
-    is accurate.
+    Coordinates ordered [N; Z] (Z the zeros of d_p, `_split`): with C_N = I + U_N^T
+    D_N^-2 U_N (p''s capacitance), the Schur complement S = Sigma_ZZ - Sigma_ZN
+    Sigma_NN^-1 Sigma_NZ = U_Z C_N^-1 U_Z^T (push-through) and
+    G = [-D_N^-2 U_N C_N^-1 U_Z^T; I_Z] (P x |Z|), the block inverse is
+    Sigma_p^-1 = (Sigma_NN^-1 ⊕ 0_Z) + G S^-1 G^T (both terms PSD: no cancellation),
+    Sigma_p'^-1 = Sigma_NN^-1 ⊕ I_Z and log det Sigma_p = log det Sigma_p' + log det S, so
+
+        2 KL(q || p) - 2 KL(q || p') = tr(S^-1 G^T (Sigma_q + delta delta^T) G)
+                                      + log det S - sum_Z (diag(Sigma_q)_i + delta_i^2)
+
+    with S = M M^T (`_schur_rows`), ``k`` = G^T S_q (r x K_q), delta = m_p - m_q.
+    Unused slots (and every slot for a certainly singular p) get
+    S = I and G's column 0, so they add exactly 0. S is equilibrated by its diagonal and
+    shifted on the used slots only, delta_s = 2 eps (r + 1) (more than the rounding of
+    M M^T: never fails), with the first-order correction of the shift in both terms.
+    O(r^2 K_q + r^3).
     """
-    bad, zero_any = [], []
-    for index, ((factor, scale, offset, size), diag_q) in enumerate(
-        zip(p._names, q_diagonal, strict=True)
-    ):
-        zero = p._d(xp, p_storage, scale, size) == 0
-        dead = zero & (row_norms(xp, p._u(xp, p_storage, factor, size)) == 0)
+    like = m
+    rank = m.shape[0]
+    identity = eye(xp, rank, like)
+    offset = 0
+    g = []
+    for rows in g_rows:  # G^T delta, per name
+        size = rows.shape[1]
+        g.append(xp.matmul(rows, xp.expand_dims(difference[offset : offset + size], axis=1)))
+        offset += size
+    gv = total(g)  # (r, 1)
+    a = _linalg.matmul(xp, k, xp.matrix_transpose(k)) + xp.matmul(gv, xp.matrix_transpose(gv))
+    keep = xp.expand_dims(split.used, axis=1) & xp.expand_dims(split.used, axis=0) & ~split.singular
+    s = xp.where(keep, xp.matmul(m, xp.matrix_transpose(m)), identity)
+    a = xp.where(keep, a, xp.zeros_like(a))
+    scale = xp.sqrt(xp.linalg.diagonal(s))
+    outer = xp.expand_dims(scale, axis=1) * xp.expand_dims(scale, axis=0)
+    eps = float(xp.finfo(like.dtype).eps)
+    shift = (2.0 * eps * (rank + 1)) * xp.astype(split.used & ~split.singular, like.dtype)
+    low = _linalg.cholesky(xp, s / outer + xp.expand_dims(shift, axis=1) * identity)
+    x = _linalg.solve(xp, low, identity)  # L^-1
+    h = xp.matmul(xp.matrix_transpose(x), x)  # (Shat + Delta)^-1
+    # Shat^-1 = H (I - Delta H)^-1 ~ H + H Delta H; log det Shat ~ log det(L L^T) - tr(Delta H)
+    h_exact = h + xp.matmul(h * xp.expand_dims(shift, axis=0), h)
+    trace = xp.sum(h_exact * (a / outer))
+    log_det = (
+        2.0 * xp.sum(xp.log(xp.linalg.diagonal(low)))
+        + 2.0 * xp.sum(xp.log(scale))
+        - xp.sum(shift * xp.linalg.diagonal(h))
+    )
+    offset = 0
+    excess = []
+    for mask, diag_q in zip(split.mask, q_diagonal, strict=True):
+        size = mask.shape[0]
+        dz = difference[offset : offset + size]
+        excess.append(xp.sum(xp.where(mask, diag_q + dz * dz, xp.zeros_like(diag_q))))
+        offset += size
+    return trace + log_det - total(excess)
+
+
+def _p_edges(xp: Any, split: _Split, q_diagonal: list[Array], difference: Array) -> Array:
+    """0-D bool: KL(q || p) = +inf for a regular q, from p's exact zeros of d.
+
+    Sigma_p certainly singular (more than ``rank`` zeros, or a zero row) while q has a
+    density (the callers' q is regular where this matters), or a zero row of Sigma_p
+    where q has mass (diag(Sigma_q)_i > 0 or a mean difference). Every other zero of
+    d_p leaves Sigma_p regular and is computed exactly (`_split`, `_zero_terms`).
+    """
+    bad = []
+    offset = 0
+    for dead, diag_q in zip(split.dead, q_diagonal, strict=True):
+        size = dead.shape[0]
         d = difference[offset : offset + size]
         bad.append(xp.any(dead & ((diag_q > 0) | (d != 0))))
-        undefined = zero if q_scales is None else zero & (q_scales[index] != 0)
-        zero_any.append(xp.any(undefined))
-    return _or(bad) | p_state.singular, _or(zero_any)
+        offset += size
+    return _or(bad) | split.singular
 
 
 def _or(flags: list[Array]) -> Array:
@@ -485,6 +619,52 @@ def _mahalanobis(
 def _columns(xp: Any, blocks: list[Array]) -> list[Array]:
     """Per-name (n, r) blocks of a P x r matrix as (r, n) row blocks (its columns)."""
     return [xp.matrix_transpose(block) for block in blocks]
+
+
+def _kl_lrpd_lrpd_value(
+    xp: Any,
+    q: LowRankPlusDiagonal,
+    q_storage: Storage,
+    q_state: LowRankPlusDiagonalState,
+    p: LowRankPlusDiagonal,
+    p_storage: Storage,
+    p_state: LowRankPlusDiagonalState,
+    difference: Array,
+) -> Array:
+    """`_kl_lrpd_lrpd`'s identity for a p read through ``p_state`` (no edges)."""
+    excess_parts, eta = [], []
+    for d_q, d_p in zip(q_state.scales, p_state.scales, strict=True):
+        excess, minus_one = ratio_excess(xp, d_q, d_p)
+        excess_parts.append(xp.sum(excess))
+        eta.append(minus_one)
+    q_blocks = [q._u(xp, q_storage, f, size) for f, _, _, size in q._names]
+    p_blocks = [p._u(xp, p_storage, f, size) for f, _, _, size in p._names]
+    if q.rank == p.rank:
+        delta = [u_q - u_p for u_q, u_p in zip(q_blocks, p_blocks, strict=True)]  # (n, r)
+        cross = total(
+            _linalg.matmul(
+                xp,
+                xp.matrix_transpose((u_p / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)),
+                e,
+            )
+            for u_p, e, d in zip(p_blocks, delta, p_state.scales, strict=True)
+        )  # W_p^T E = U_p^T D_p^-2 (U_q - U_p), r x r
+        middle = (
+            2.0 * _trace_inverse(xp, p_state, cross)
+            + xp.sum(p.quadratic(xp, p_storage, p_state, _columns(xp, delta)))
+            - _p_terms(xp, p, p_storage, p_state, eta)
+        )
+    else:
+        rho = [e + 1.0 for e in eta]
+        middle = xp.sum(p.quadratic(xp, p_storage, p_state, _columns(xp, q_blocks))) - _p_terms(
+            xp, p, p_storage, p_state, rho
+        )
+    return (
+        total(excess_parts)
+        + middle
+        - (q_state.log_det_capacitance - p_state.log_det_capacitance)
+        + _mahalanobis(xp, p, p_storage, p_state, difference)
+    )
 
 
 @register_kl(LowRankPlusDiagonal, LowRankPlusDiagonal)
@@ -514,53 +694,40 @@ def _kl_lrpd_lrpd(
     are exactly 0 rather than a difference of numbers of size |W|^2 (1e15 at d = 1e-6).
     tr(X^T B^-1 X) and the Mahalanobis term are p's `quadratic` (ridge form, sums of
     non-negative terms). Memory O(P r): a few P x r temporaries, r x r otherwise.
-
-    Exact zeros of d are read as in `LowRankPlusDiagonal._scales` (d', which changes
-    Sigma by less than rounding): finite for zeros of d_q, and for zeros of d_p where
-    d_q is 0 too (KL(q || q) = 0). Edges: +inf for a singular q (see
+    Exact zeros of d_p (1..rank, U's rows there generic: Sigma_p regular) are computed
+    exactly, not through d': 2 KL(q || p) = 2 KL(q || p') + `_zero_terms`, p' = p
+    without them (`_split`, the block inverse through their Schur complement). This
+    adds O(P r^2) work and O(P r) memory even without zeros (no branch on values):
+    measured 1.3x at P = 1e6, r = 32 (float32, NumPy and torch, LRPD pair).
+    Exact zeros of d_q are read as in `LowRankPlusDiagonal._scales` (d', which changes
+    Sigma_q by less than rounding). Edges: +inf for a singular q (see
     `LowRankPlusDiagonal.logdet`), a singular p, or a zero row of Sigma_p where q has
-    mass; NaN for a zero d_p where d_q is not 0 (not computed, see `_p_edges`).
+    mass; NaN inputs give NaN.
     """
-    p_state = p.prepare(xp, p_storage)
+    same = None
+    if q.rank == p.rank:  # the same covariance, value for value: exactly 0 (see `_split`)
+        same = _or(
+            [
+                xp.any(q._u(xp, q_storage, qf, size) != p._u(xp, p_storage, pf, size))
+                | xp.any(q._d(xp, q_storage, qs, size) != p._d(xp, p_storage, ps, size))
+                for (qf, qs, _, size), (pf, ps, _, _) in zip(q._names, p._names, strict=True)
+            ]
+        )
+        same = ~same
+    split = _split(xp, p, p_storage, same)
+    prime, prime_storage = split.prime, split.storage
+    p_state = prime.prepare(xp, prime_storage)
     q_state = q.prepare(xp, q_storage)
-    excess_parts, eta = [], []
-    for d_q, d_p in zip(q_state.scales, p_state.scales, strict=True):
-        excess, minus_one = ratio_excess(xp, d_q, d_p)
-        excess_parts.append(xp.sum(excess))
-        eta.append(minus_one)
-    q_blocks = [q._u(xp, q_storage, f, size) for f, _, _, size in q._names]
-    p_blocks = [p._u(xp, p_storage, f, size) for f, _, _, size in p._names]
-    if q.rank == p.rank:
-        delta = [u_q - u_p for u_q, u_p in zip(q_blocks, p_blocks, strict=True)]  # (n, r)
-        cross = total(
-            _linalg.matmul(
-                xp,
-                xp.matrix_transpose((u_p / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)),
-                e,
-            )
-            for u_p, e, d in zip(p_blocks, delta, p_state.scales, strict=True)
-        )  # W_p^T E = U_p^T D_p^-2 (U_q - U_p), r x r
-        middle = (
-            2.0 * _trace_inverse(xp, p_state, cross)
-            + xp.sum(p.quadratic(xp, p_storage, p_state, _columns(xp, delta)))
-            - _p_terms(xp, p, p_storage, p_state, eta)
-        )
-    else:
-        rho = [e + 1.0 for e in eta]
-        middle = xp.sum(p.quadratic(xp, p_storage, p_state, _columns(xp, q_blocks))) - _p_terms(
-            xp, p, p_storage, p_state, rho
-        )
-    value = 0.5 * (
-        total(excess_parts)
-        + middle
-        - (q_state.log_det_capacitance - p_state.log_det_capacitance)
-        + _mahalanobis(xp, p, p_storage, p_state, difference)
+    value = _kl_lrpd_lrpd_value(
+        xp, q, q_storage, q_state, prime, prime_storage, p_state, difference
     )
-    q_d = [q._d(xp, q_storage, scale, size) for _, scale, _, size in q._names]
-    p_infinite, p_undefined = _p_edges(
-        xp, p, p_storage, p_state, q.diagonal_blocks(xp, q_storage), difference, q_d
+    g_rows, m = _schur_rows(xp, split, p_state)
+    q_diagonal = q.diagonal_blocks(xp, q_storage)
+    value = value + _zero_terms(
+        xp, split, m, g_rows, q.rblocks(xp, q_storage, g_rows), q_diagonal, difference
     )
-    return finish(xp, value, q_state.singular | p_infinite, p_undefined)
+    p_infinite = _p_edges(xp, split, q_diagonal, difference)
+    return finish(xp, 0.5 * value, q_state.singular | p_infinite)
 
 
 @register_kl(Diagonal, LowRankPlusDiagonal)
@@ -578,27 +745,37 @@ def _kl_diagonal_lrpd(
     2 KL = sum(rho - 1 - log rho) - tr(C_p^-1 W_p^T diag(rho) W_p) + log det C_p
     + m^T Sigma_p^-1 m, W_p = D_p^-1 U_p, C_p = I + W_p^T W_p. Never P x P (the generic
     pair builds the P columns of S_q = diag(s)).
-
+    Exact zeros of d_p (1..rank, U's rows there generic: Sigma_p regular) are computed
+    exactly, not through d': 2 KL(q || p) = 2 KL(q || p') + `_zero_terms`, p' = p
+    without them (`_split`, the block inverse through their Schur complement). This
+    adds O(P r^2) work and O(P r) memory even without zeros (no branch on values):
+    measured 1.3x at P = 1e6, r = 32 (float32, NumPy and torch, LRPD pair).
     Edges: +inf where s = 0 (q singular), for a singular p, or where a zero row of
-    Sigma_p meets q's mass; NaN for any other exact zero of d_p (see `_p_edges`).
+    Sigma_p meets q's mass; NaN inputs give NaN.
     """
-    p_state = p.prepare(xp, p_storage)
+    s_q = q._s(xp, q_storage)
+    split = _split(xp, p, p_storage, None)
+    prime, prime_storage = split.prime, split.storage
+    p_state = prime.prepare(xp, prime_storage)
     excess_parts, rho = [], []
-    for s_q, d_p in zip(q._s(xp, q_storage), p_state.scales, strict=True):
-        excess, minus_one = ratio_excess(xp, s_q, d_p)
+    for s, d_p in zip(s_q, p_state.scales, strict=True):
+        excess, minus_one = ratio_excess(xp, s, d_p)
         excess_parts.append(xp.sum(excess))
         rho.append(minus_one + 1.0)
-    value = 0.5 * (
+    value = (
         total(excess_parts)
-        - _p_terms(xp, p, p_storage, p_state, rho)
+        - _p_terms(xp, prime, prime_storage, p_state, rho)
         + p_state.log_det_capacitance
-        + _mahalanobis(xp, p, p_storage, p_state, difference)
+        + _mahalanobis(xp, prime, prime_storage, p_state, difference)
     )
-    q_zero = _or([xp.any(s == 0) for s in q._s(xp, q_storage)])
-    p_infinite, p_undefined = _p_edges(
-        xp, p, p_storage, p_state, q.diagonal_blocks(xp, q_storage), difference
+    g_rows, m = _schur_rows(xp, split, p_state)
+    q_diagonal = q.diagonal_blocks(xp, q_storage)
+    value = value + _zero_terms(
+        xp, split, m, g_rows, q.rblocks(xp, q_storage, g_rows), q_diagonal, difference
     )
-    return finish(xp, value, q_zero | p_infinite, p_undefined)
+    q_zero = _or([xp.any(s == 0) for s in s_q])
+    p_infinite = _p_edges(xp, split, q_diagonal, difference)
+    return finish(xp, 0.5 * value, q_zero | p_infinite)
 
 
 @register_kl(LowRankPlusDiagonal, Diagonal)
@@ -647,7 +824,7 @@ def _kl_to_lrpd(
     p_storage: Storage,
     difference: Array,
 ) -> Array:
-    """Any q against low rank plus diagonal p, from diag(Sigma_q) and r products S_q^T v.
+    """Any q against low rank plus diagonal p, from diag(Sigma_q) and 2r products S_q^T v.
 
     With D = diag(d_p), W = D^-1 U_p, Sigma_p = D (I + W W^T) D, C = I + W^T W (p's
     capacitance) and Woodbury (I + W W^T)^-1 = I - W C^-1 W^T:
@@ -655,12 +832,13 @@ def _kl_to_lrpd(
         tr(Sigma_p^-1 Sigma_q) = sum(diag(Sigma_q) / d / d) - tr(C^-1 Z Z^T),
         Z = V^T S_q (r x K_q),  V = D^-1 W = U_p / d / d  (P x r),
 
-    so q is touched through ``q.diagonal_blocks`` and ``q.rblocks`` on the r columns of
-    V (dividing by d twice, never by d^2); the Mahalanobis term is p's ridge
-    `LowRankPlusDiagonal.quadratic` and log det Sigma_p the determinant lemma. Cost
-    O(P r^2 + r^3) for p, q's diagonal (O(P) Kronecker, O(P K) dense factor), r products
-    S_q^T v (O(r P K) dense, O(r P (r_in + r_out)) Kronecker) and O(r^2 K_q). Memory
-    O(r (P + K_q)): a few P x r and r x K_q arrays, never P x P.
+    so q is touched through ``q.diagonal_blocks`` and one ``q.rblocks`` on the r columns
+    of V and the r columns of G (p's exact zeros, below) together (dividing by d twice,
+    never by d^2); the Mahalanobis term is p's ridge `LowRankPlusDiagonal.quadratic` and
+    log det Sigma_p the determinant lemma. Cost O(P r^2 + r^3) for p, q's diagonal (O(P)
+    Kronecker, O(P K) dense factor), 2r products S_q^T v (O(r P K) dense,
+    O(r P (r_in + r_out)) Kronecker) and O(r^2 K_q). Memory O(r (P + K_q)): a few
+    P x r and r x K_q arrays, never P x P.
 
     Both terms of the trace are >= 0 (Z Z^T is a Gram matrix, formed r x r so that
     nothing r x K_q is solved); their difference loses about eps |W|^2 relative to the
@@ -668,21 +846,36 @@ def _kl_to_lrpd(
     and low rank plus diagonal q have their own pairs, which do not cancel and give
     KL(q || q) = 0).
 
+    Exact zeros of d_p (1..rank, U's rows there generic: Sigma_p regular) are computed
+    exactly, not through d': 2 KL(q || p) = 2 KL(q || p') + `_zero_terms`, p' = p
+    without them (`_split`, the block inverse through their Schur complement). This
+    adds O(P r^2) work and O(P r) memory even without zeros (no branch on values):
+    measured 1.3x at P = 1e6, r = 32 (float32, NumPy and torch, LRPD pair).
+
     Edges (values, jit-safe): ``+inf`` for a singular q (log det Sigma_q = -inf), a
-    singular p, or a zero row of Sigma_p where q has mass; NaN for any other exact zero
-    of d_p (not computed, see `_p_edges`).
+    singular p, or a zero row of Sigma_p where q has mass; NaN inputs give NaN.
     """
-    p_state = p.prepare(xp, p_storage)
+    split = _split(xp, p, p_storage, None)
+    prime, prime_storage = split.prime, split.storage
+    p_state = prime.prepare(xp, prime_storage)
     scales = p_state.scales
-    # V^T as per-name (r, n) row blocks: U_p / d / d, transposed.
-    v_rows = [
-        xp.matrix_transpose(
-            (p._u(xp, p_storage, factor, size) / xp.expand_dims(d, axis=1))
-            / xp.expand_dims(d, axis=1)
+    rank = p.rank
+    g_rows, m = _schur_rows(xp, split, p_state)
+    # [V^T; G^T] as per-name (2r, n) row blocks, V^T = (U_p / d / d)^T: one pass over q.
+    rows = [
+        xp.concat(
+            [
+                xp.matrix_transpose(
+                    (prime_storage[factor] / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)
+                ),
+                g,
+            ],
+            axis=0,
         )
-        for (factor, _, _, size), d in zip(p._names, scales, strict=True)
+        for (factor, _, _, _), d, g in zip(prime._names, scales, g_rows, strict=True)
     ]
-    z = q.rblocks(xp, q_storage, v_rows)  # (V^T S_q) = (S_q^T V)^T, (r, K_q)
+    both = q.rblocks(xp, q_storage, rows)  # [V^T S_q; G^T S_q], (2r, K_q)
+    z = both[:rank, :]
     gram = _linalg.matmul(xp, z, xp.matrix_transpose(z))  # Z Z^T = V^T Sigma_q V, r x r
     q_diagonal = q.diagonal_blocks(xp, q_storage)
     diagonal_trace = total(
@@ -691,13 +884,13 @@ def _kl_to_lrpd(
     value = 0.5 * (
         diagonal_trace
         - _trace_inverse(xp, p_state, gram)
-        + _mahalanobis(xp, p, p_storage, p_state, difference)
+        + _mahalanobis(xp, prime, prime_storage, p_state, difference)
         - q.num_params
-        + p.logdet(xp, p_storage, p_state)
+        + prime.logdet(xp, prime_storage, p_state)
         - logdet_of(xp, q, q_storage)
+        + _zero_terms(xp, split, m, g_rows, both[rank:, :], q_diagonal, difference)
     )
-    p_infinite, p_undefined = _p_edges(xp, p, p_storage, p_state, q_diagonal, difference)
-    return finish(xp, value, p_infinite, p_undefined)
+    return finish(xp, value, _p_edges(xp, split, q_diagonal, difference))
 
 
 @register_covariance
