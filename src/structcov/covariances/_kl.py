@@ -76,17 +76,28 @@ def register_kl(q_type: type, p_type: type) -> Callable[[_F], _F]:
     return decorate
 
 
-def kl_function(q_type: type, p_type: type) -> KLFunction:
-    """The most specific registered KL for the pair (q's class first, then p's)."""
+_T = TypeVar("_T")
+
+
+def _most_specific(registry: dict[tuple[type, type], _T], q_type: type, p_type: type) -> _T | None:
+    """The registration for the most specific pair along both MROs (q's class first)."""
     for q_class in q_type.__mro__:
         for p_class in p_type.__mro__:
-            found = _REGISTRY.get((q_class, p_class))
+            found = registry.get((q_class, p_class))
             if found is not None:
                 return found
-    raise NotImplementedError(
-        f"no KL divergence is registered for the pair ({q_type.__name__}, {p_type.__name__}); "
-        "register one with structcov.covariances._kl.register_kl"
-    )
+    return None
+
+
+def kl_function(q_type: type, p_type: type) -> KLFunction:
+    """The most specific registered KL for the pair (q's class first, then p's)."""
+    found = _most_specific(_REGISTRY, q_type, p_type)
+    if found is None:
+        raise NotImplementedError(
+            f"no KL divergence is registered for the pair ({q_type.__name__}, "
+            f"{p_type.__name__}); register one with structcov.covariances._kl.register_kl"
+        )
+    return found
 
 
 #: ``(xp, q, q_storage, p, p_storage, difference, mean_size) -> KL(q || p)`` for q and p
@@ -111,14 +122,12 @@ def register_kl_singular(q_type: type, p_type: type) -> Callable[[_H], _H]:
 
 def kl_singular_function(q_type: type, p_type: type) -> KLSingularFunction:
     """The most specific registered KL on a common support (q's class first)."""
-    for q_class in q_type.__mro__:
-        for p_class in p_type.__mro__:
-            found = _SINGULAR.get((q_class, p_class))
-            if found is not None:
-                return found
-    raise NotImplementedError(  # pragma: no cover -- (Structure, Structure) is registered
-        f"no KL on a common support is registered for ({q_type.__name__}, {p_type.__name__})"
-    )
+    found = _most_specific(_SINGULAR, q_type, p_type)
+    if found is None:  # pragma: no cover -- (Structure, Structure) is registered
+        raise NotImplementedError(
+            f"no KL on a common support is registered for ({q_type.__name__}, {p_type.__name__})"
+        )
+    return found
 
 
 def register_kl_to_normal(q_type: type) -> Callable[[_G], _G]:
