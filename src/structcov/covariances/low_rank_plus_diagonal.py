@@ -436,7 +436,7 @@ class _Split(NamedTuple):
 
     prime: LowRankPlusDiagonal  #: p' (identity scale transform: its storage holds d')
     storage: dict[str, Array]  #: p' per name: U' (n, r) with Z's rows 0, d' (n,) with d_Z = 1
-    rows: list[Array]  #: E_Z per name, (r, n): row j is e_{i_j}; rows of unused slots are 0
+    rows: list[Array]  #: E_Z per name, (r, n) bool: row j is e_{i_j}; unused slots' rows False
     mask: list[Array]  #: Z per name, (n,) bool
     used: Array  #: (r,) bool: slot j holds a zero of Z (j < |Z|)
     dead: list[Array]  #: zero rows of Sigma_p per name, (n,) bool: d_i = 0 and u_i = 0
@@ -485,7 +485,7 @@ def _split(xp: Any, p: LowRankPlusDiagonal, p_storage: Storage, same: Array | No
         number = xp.cumulative_sum(flags) - 1 + seen  # j for the j-th zero of Z (where mask)
         seen = seen + xp.sum(flags)
         onehot = (slots == xp.expand_dims(number, axis=0)) & xp.expand_dims(mask, axis=0)
-        rows.append(xp.astype(onehot, like.dtype))
+        rows.append(onehot)  # bool: the float E_Z exists only while it is used (memory)
         masks.append(mask)
         storage[factor] = xp.where(xp.expand_dims(mask, axis=1), xp.zeros_like(u), u)
         storage[scale] = xp.where(mask, xp.ones_like(d), d)
@@ -502,14 +502,18 @@ def _schur_rows(
     (B W'^T) / d' with W' = U' / d' (never U' / d'^2, which overflows for tiny d').
     With Z empty, B = 0 and G^T = 0 exactly. O(P r^2), memory O(P r).
     """
-    u_z = total(_linalg.matmul(xp, e, u) for e, u in zip(split.rows, split.factors, strict=True))
+    u_z = total(
+        _linalg.matmul(xp, xp.astype(e, u.dtype), u)
+        for e, u in zip(split.rows, split.factors, strict=True)
+    )
     t = state.inverse_factor
     m = xp.matmul(u_z, t)
     b = xp.matmul(m, xp.matrix_transpose(t))
     rows = []
     for e, (factor, _, _, _), d in zip(split.rows, split.prime._names, state.scales, strict=True):
         w = split.storage[factor] / xp.expand_dims(d, axis=1)
-        rows.append(e - xp.matmul(b, xp.matrix_transpose(w)) / xp.expand_dims(d, axis=0))
+        correction = xp.matmul(b, xp.matrix_transpose(w)) / xp.expand_dims(d, axis=0)
+        rows.append(xp.astype(e, correction.dtype) - correction)
     return rows, m
 
 
@@ -859,23 +863,17 @@ def _kl_to_lrpd(
     prime, prime_storage = split.prime, split.storage
     p_state = prime.prepare(xp, prime_storage)
     scales = p_state.scales
-    rank = p.rank
-    g_rows, m = _schur_rows(xp, split, p_state)
-    # [V^T; G^T] as per-name (2r, n) row blocks, V^T = (U_p / d / d)^T: one pass over q.
-    rows = [
-        xp.concat(
-            [
-                xp.matrix_transpose(
-                    (prime_storage[factor] / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)
-                ),
-                g,
-            ],
-            axis=0,
+    # V^T = (U_p / d / d)^T per name, (r, n); q is read twice (V^T S_q, then G^T S_q)
+    # rather than once on a stacked 2r x P block: one P x r copy less at the peak.
+    v_rows = [
+        xp.matrix_transpose(
+            (prime_storage[factor] / xp.expand_dims(d, axis=1)) / xp.expand_dims(d, axis=1)
         )
-        for (factor, _, _, _), d, g in zip(prime._names, scales, g_rows, strict=True)
+        for (factor, _, _, _), d in zip(prime._names, scales, strict=True)
     ]
-    both = q.rblocks(xp, q_storage, rows)  # [V^T S_q; G^T S_q], (2r, K_q)
-    z = both[:rank, :]
+    z = q.rblocks(xp, q_storage, v_rows)  # V^T S_q, (r, K_q)
+    del v_rows
+    g_rows, m = _schur_rows(xp, split, p_state)
     gram = _linalg.matmul(xp, z, xp.matrix_transpose(z))  # Z Z^T = V^T Sigma_q V, r x r
     q_diagonal = q.diagonal_blocks(xp, q_storage)
     diagonal_trace = total(
@@ -888,7 +886,9 @@ def _kl_to_lrpd(
         - q.num_params
         + prime.logdet(xp, prime_storage, p_state)
         - logdet_of(xp, q, q_storage)
-        + _zero_terms(xp, split, m, g_rows, both[rank:, :], q_diagonal, difference)
+        + _zero_terms(
+            xp, split, m, g_rows, q.rblocks(xp, q_storage, g_rows), q_diagonal, difference
+        )
     )
     return finish(xp, value, _p_edges(xp, split, q_diagonal, difference))
 
