@@ -27,6 +27,7 @@ import structcov.functional as F
 from cases import well_conditioned
 from conftest import Backend
 from oracle import dense_oracle, flat_layout, join
+from test_numerics import split_np
 
 SHAPES = {"weight": (4, 5), "bias": (4,)}
 P = flat_layout(SHAPES).num_params  # 24
@@ -38,12 +39,7 @@ RTOL = {"float64": 1e-8, "float32": 1e-3}
 
 
 def split_flat(flat: np.ndarray) -> dict[str, np.ndarray]:
-    out, offset = {}, 0
-    for name, shape in SHAPES.items():
-        size = math.prod(shape)
-        out[name] = flat[offset : offset + size].reshape(*shape, *flat.shape[1:])
-        offset += size
-    return out
+    return split_np(flat, SHAPES)
 
 
 class Gaussian:
