@@ -123,6 +123,7 @@ def test_zero_size_means_work_with_a_diagonal(backend: Backend) -> None:
     assert param.num_params == 0
     assert tuple(param.sample((2,), backend.generator(0))["w"].shape) == (2, 0)
     assert float(backend.to_numpy(param.cov.logdet())) == 0.0
+    assert float(backend.to_numpy(sc.kl_divergence(param, 1.5))) == 0.0
 
 
 # --------------------------------------------------------------- values of a parameter

@@ -540,10 +540,36 @@ def linear(
     projection = _projection(structure)
     if plan == "project" and projection is not None:
         out = projection.forward(xp, structure, storage, means, x2, z2, has_bias)
+    elif num_samples == 1 and not per_sample:
+        out = _one_draw_forward(xp, structure, storage, means, x2, z2)
     else:
         formed = _formed_weights(xp, structure, storage, means, z2)
         out = _apply_weights(xp, x2, formed["weight"], formed.get("bias"), num_samples)
     return xp.reshape(out, out_shape)
+
+
+def _one_draw_forward(
+    xp: Any, structure: Structure, storage: Storage, means: dict[str, Array], x2: Array, z: Array
+) -> Array:
+    """``x W^T + b`` for one draw W = M + S z shared by the batch (a training step's
+    call): (N, d_out). S P to form W, N P for the GEMM.
+
+    The weights are formed without the sample axis and the mean added out of place:
+    a (1, n) block broadcast against the mean, a (1, d_out, d_in) batched GEMM or an
+    in-place add into a block autograd tracks each cost a copy or a reduction over
+    that axis of size one on the way back (about 1.4x this path's forward + backward
+    on CPU torch at 256 x 256).
+    """
+    layout = structure.layout
+    formed = {
+        name: xp.reshape(block, shape) + means[name]
+        for name, shape, block in zip(
+            layout.names, layout.shapes, structure.blocks(xp, storage, z), strict=True
+        )
+    }
+    out = xp.matmul(x2, xp.matrix_transpose(formed["weight"]))
+    bias = formed.get("bias")
+    return out if bias is None else out + bias
 
 
 def _factorized_forward(

@@ -222,27 +222,34 @@ def _kl_diagonal_to_normal(
     xp: Any, q: Diagonal, q_storage: Storage, means: list[Array], scale: float
 ) -> Array:
     """KL(diag(s^2) || N(0, scale^2 I)) = 0.5 sum(r^2 - 1 - 2 log|r| + (m / scale)^2),
-    r = s / scale. O(P), one fused elementwise pass over all names.
+    r = s / scale. O(P): one fused elementwise pass over all names for r, one dot
+    product per mean.
 
-    The VI step's KL to its prior, written for few elementwise operations (the names
-    are concatenated first: each operation costs a fixed overhead on CPU torch): every
-    term is >= 0 (r^2 - 1 as (r - 1)(r + 1), exact near r = 1), standard deviations,
-    never variances (s^2 underflows in float32 long before s). A zero or overflowing
-    |r| makes the KL ``+inf`` (decided on the sum; the element itself is read as
-    r = 1, so no ``log(0)`` or ``inf - inf`` is evaluated); NaN propagates.
+    The VI step's KL to its prior, written for few elementwise operations (the
+    standard deviations are concatenated first: each operation costs a fixed overhead
+    on CPU torch): every term is >= 0 (r^2 - 1 as (r - 1)(r + 1), exact near r = 1;
+    |m|^2 as a dot product), standard deviations, never variances (s^2 underflows in
+    float32 long before s).
+
+    Exact edges without per-element compares or ``where`` s (each costs several
+    multiplies' worth on CPU torch): r = 0 gives ``-2 log 0 = +inf`` by itself, and
+    r = inf (an ``inf - inf`` term) is decided on ``max(r) == inf``; both are
+    ``+inf`` (NumPy warns of the ``log(0)`` or the ``inf - inf``). NaN propagates
+    (``max`` keeps it, so a NaN is never read as an infinite r).
     """
     raw = [xp.reshape(q_storage[path], (size,)) for path, _, size in q._scales]
     r = positive(xp, raw[0] if len(raw) == 1 else xp.concat(raw), q.scale_transform)
-    m = [xp.reshape(mean, (-1,)) for mean in means]
-    m = m[0] if len(m) == 1 else xp.concat(m)
-    if scale != 1.0:  # static: a Python float
-        r, m = r / scale, m / scale
     if q.scale_transform == "identity":  # static: a raw scale may be negative
         r = xp.abs(r)
-    edge = (r == 0) | (r == math.inf)
-    r = xp.where(edge, xp.ones((), dtype=r.dtype, device=device_of(r)), r)
-    value = 0.5 * xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r) + m * m)
-    return finish(xp, value, xp.any(edge))
+    if scale != 1.0:  # static: a Python float
+        r = r / scale
+    m = [xp.reshape(mean, (-1,)) for mean in means]
+    if scale != 1.0:
+        m = [part / scale for part in m]
+    squares = total(xp.vecdot(part, part) for part in m)
+    value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
+    # static: with no parameters (empty means) there is no max to take, and KL = 0
+    return finish(xp, value, xp.max(r) == math.inf) if r.shape[0] else value
 
 
 @register_covariance
