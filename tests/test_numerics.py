@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +31,10 @@ from hypothesis import strategies as st
 import structcov as sc
 import structcov.functional as F
 from conftest import Backend
+from structcov._array_api import namespace
 from structcov.covariances import Diagonal, LowRankPlusDiagonal
 from structcov.covariances._kl import kl_function
-from structcov.covariances._structure import split_flat
+from structcov.covariances._structure import softplus, split_flat
 
 #: The layout of most tests: P = 400 over two names (the per-name blocks are exercised).
 SHAPES = {"weight": (20, 19), "bias": (20,)}
@@ -322,6 +324,33 @@ def test_positive_transforms_reach_zero_only_at_minus_infinity(
         logdet = scalar(backend, q.cov.logdet())
         # Diagonal: 2 * 3 * rho = -240; LRPD adds log det C = log(1 + |u|^2 / d^2) ~ 80
         assert math.isfinite(logdet) and logdet < -100, logdet
+
+
+def test_softplus_is_exact_over_the_whole_range(backend: Backend, dtype: str) -> None:
+    """The softplus of every stored scale (torch's fused kernel on torch, logaddexp
+    elsewhere) against log(1 + e^rho) in float64 (log1p / exp, the large-rho form
+    rho + log1p(e^-rho)): within 2 ulp from rho = -100 to 100, across both thresholds
+    of the fused kernel (17..20 and 37..40), with +inf, -inf and NaN propagated. Below
+    the smallest normal number (float32 rho < -87) only to that absolute size: CPU
+    backends flush or approximate subnormal results (XLA flushes them to zero)."""
+    grid = np.concatenate(
+        [np.linspace(-100.0, 100.0, 4001), [16.9, 17.0, 20.0, 20.001, 36.9, 37.0, 40.0, 40.01]]
+    )
+    rho = np.asarray(grid, dtype=dtype)  # the tested values, read back in float64 below
+    exact = np.where(
+        rho > 0, rho + np.log1p(np.exp(-np.abs(rho.astype(np.float64)))), 0.0
+    ) + np.where(rho <= 0, np.log1p(np.exp(np.minimum(rho.astype(np.float64), 0.0))), 0.0)
+    x = backend.asarray(rho, dtype)
+    got = backend.to_numpy(softplus(namespace(x), x)).astype(np.float64)
+    tiny = float(np.finfo(dtype).smallest_normal)
+    assert np.all(np.abs(got - exact) <= 2 * eps(dtype) * np.abs(exact) + tiny), np.max(
+        np.abs(got - exact) / exact
+    )
+    edges = backend.asarray(np.array([np.inf, -np.inf, np.nan]), dtype)
+    with warnings.catch_warnings():  # NumPy may warn on NaN in logaddexp
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = backend.to_numpy(softplus(namespace(edges), edges))
+    assert out[0] == np.inf and out[1] == 0.0 and np.isnan(out[2]), out
 
 
 def test_zero_point_masses_at_the_same_place_have_kl_zero(backend: Backend) -> None:

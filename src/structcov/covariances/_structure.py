@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._array_api import Array, device_of
+from .._array_api import Array, backend_name, device_of
 from .._layout import Layout
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "require_parameters",
     "row_norms",
     "scale_into",
+    "softplus",
     "split_flat",
     "total",
 ]
@@ -133,14 +134,52 @@ def check_scale_transform(value: Any) -> str:
 def positive(xp: Any, raw: Array, transform: str) -> Array:
     """The standard deviations stored as ``raw`` under ``transform`` (elementwise).
 
-    softplus is ``logaddexp(rho, 0)``: exact for large rho (no overflow of e^rho) and
-    equal to e^rho to rounding for very negative rho (no cancellation in 1 + e^rho).
+    softplus is ``logaddexp(rho, 0)`` (`softplus`): exact for large rho (no overflow
+    of e^rho) and equal to e^rho to rounding for very negative rho (no cancellation
+    in 1 + e^rho).
     """
     if transform == "softplus":
-        return xp.logaddexp(raw, xp.zeros_like(raw))
+        return softplus(xp, raw)
     if transform == "exp":
         return xp.exp(raw)
     return raw
+
+
+def _standard_softplus(xp: Any, raw: Array) -> Array:
+    return xp.logaddexp(raw, xp.zeros_like(raw))
+
+
+def _torch_softplus(xp: Any, raw: Array) -> Array:
+    import torch
+
+    # torch's fused kernel returns rho itself above `threshold`; rho + e^-rho rounds to
+    # rho once e^-rho < ulp(rho) / 2: from rho = 17 in float32 and 37 in float64
+    threshold = 40.0 if raw.dtype == torch.float64 else 20.0
+    return torch.nn.functional.softplus(raw, threshold=threshold)
+
+
+#: backend name -> a fused softplus with `softplus`'s values. The standard has no
+#: softplus; on CPU torch ``logaddexp``'s backward is four passes against one.
+_SOFTPLUS_HOOKS: dict[str, Callable[[Any, Array], Array]] = {"torch": _torch_softplus}
+#: namespace module name -> its softplus, looked up once per namespace (by name, not
+#: by the module: torch.compile cannot hash a module)
+_SOFTPLUS: dict[str, Callable[[Any, Array], Array]] = {}
+
+
+def softplus(xp: Any, raw: Array) -> Array:
+    """log(1 + e^rho) elementwise: ``logaddexp(rho, 0)``, or the backend's fused kernel
+    with the same values (torch: about 1.4x faster forward + backward on CPU).
+
+    Exact to rounding over the whole range: rho itself for large rho, e^rho for very
+    negative rho; NaN and +-inf propagate (softplus(-inf) = 0).
+    """
+    key = getattr(xp, "__name__", None)
+    function = _SOFTPLUS.get(key) if key is not None else None
+    if function is None:
+        function = _SOFTPLUS_HOOKS.get(backend_name(xp), _standard_softplus)
+        if key is not None:
+            _SOFTPLUS[key] = function
+    return function(xp, raw)
 
 
 def inverse_positive(value: float, transform: str) -> float:

@@ -228,8 +228,8 @@ def _kl_diagonal_to_normal(
     The VI step's KL to its prior, written for few elementwise operations (the
     standard deviations are concatenated first: each operation costs a fixed overhead
     on CPU torch): every term is >= 0 (r^2 - 1 as (r - 1)(r + 1), exact near r = 1;
-    |m|^2 as a dot product), standard deviations, never variances (s^2 underflows in
-    float32 long before s).
+    |m|^2 as a dot product, one pass with no temporary), standard deviations, never
+    variances (s^2 underflows in float32 long before s).
 
     Exact edges without per-element compares or ``where`` s (each costs several
     multiplies' worth on CPU torch): r = 0 gives ``-2 log 0 = +inf`` by itself, and
@@ -246,7 +246,7 @@ def _kl_diagonal_to_normal(
     m = [xp.reshape(mean, (-1,)) for mean in means]
     if scale != 1.0:
         m = [part / scale for part in m]
-    squares = total(xp.vecdot(part, part) for part in m)
+    squares = total(xp.matmul(part, part) for part in m)  # 1-D matmul: the dot product
     value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
     # static: with no parameters (empty means) there is no max to take, and KL = 0
     return finish(xp, value, xp.max(r) == math.inf) if r.shape[0] else value
