@@ -149,7 +149,7 @@ def _standard_softplus(xp: Any, raw: Array) -> Array:
     return xp.logaddexp(raw, xp.zeros_like(raw))
 
 
-def _torch_softplus(xp: Any, raw: Array) -> Array:
+def _torch_softplus(xp: Any, raw: Any) -> Array:
     import torch
 
     # torch's fused kernel returns rho itself above `threshold`; rho + e^-rho rounds to
