@@ -14,6 +14,10 @@ augmented W~ = [W | b] with C = S S^T. The same Sigma goes to the peers:
 * CoLA (``cola-ml``): ``Kronecker(PSD(Dense(C_out)), PSD(Dense(C_in)))``; ``op @ X`` and
   ``cola.solve(op, X)`` (``Auto``: Cholesky of each PSD factor, triangular solves);
 * structcov: ``cov.matmul(x)`` and ``cov.solve(x)`` on the parameter's own storage (S);
+* structcov, prepared: ``structcov.functional.matmul(..., state)`` with ``state =
+  prepare_matmul(...)`` (the two factor Grams C) and ``functional.solve(..., state)``
+  with ``state = prepare(...)``, the state formed once outside the timings as the
+  peers' C are;
 * by hand: the same maths written directly in torch from C (``C_out X~ C_in``, and
   ``torch.cholesky_solve`` with each factor's Cholesky), a floor for reference.
 
@@ -35,7 +39,8 @@ Timing: ``torch.set_num_threads(--threads)`` (default 1: the numbers are then no
 function of how busy the other cores are), garbage collection off, one warm-up call
 each, then ``--repeats`` rounds in which every (operation, library) is called once,
 the order rotating from round to round; the median per call is reported, and
-structcov's median divided by each library's (ratio <= 1: structcov is as fast or faster).
+structcov's median divided by each library's (ratio <= 1: structcov is as fast or faster),
+for the per-call and the prepared structcov.
 
 ``--smoke`` runs a tiny layer (weight 6 x 5) once: it checks that the script works
 (and the values agree), not the timings. A peer that is not installed is skipped with
@@ -57,11 +62,12 @@ import numpy as np
 from _common import load_average, machine_info
 
 import structcov as sc
+import structcov.functional as F
 
 #: Largest error relative to the float64 reference's largest entry accepted as "equal".
 RTOL = 1e-4
 
-LIBRARIES = ("structcov", "linear_operator", "cola", "by hand (torch)")
+LIBRARIES = ("structcov", "structcov, prepared", "linear_operator", "cola", "by hand (torch)")
 OPERATIONS = ("matmul", "solve")
 
 
@@ -88,7 +94,8 @@ def reference(s_out: np.ndarray, s_in: np.ndarray, x_aug: np.ndarray) -> dict[st
 
 
 def structcov_calls(torch: Any, s_out: np.ndarray, s_in: np.ndarray, d_in: int) -> Any:
-    """(matmul, solve, to_aug, from_aug) for a structcov parameter holding S_out and S_in."""
+    """(matmul, solve, prepared matmul, prepared solve, to_aug, from_aug) for a structcov
+    parameter holding S_out and S_in (prepared: the state formed here, once)."""
     d_out = s_out.shape[0]
     mean = {"weight": torch.zeros(d_out, d_in), "bias": torch.zeros(d_out)}
     param = sc.GaussianParameter(mean, sc.KroneckerCovariance())
@@ -111,7 +118,16 @@ def structcov_calls(torch: Any, s_out: np.ndarray, s_in: np.ndarray, d_in: int) 
         weight = y[:, : d_out * d_in].reshape(batch, d_out, d_in)
         return torch.cat([weight, y[:, d_out * d_in :, None]], dim=2)
 
-    return cov.matmul, cov.solve, to_flat, from_flat
+    structure, storage = cov.structure, cov.storage()
+    grams, square = F.prepare_matmul(structure, storage), F.prepare(structure, storage)
+
+    def prepared_matmul(x: Any) -> Any:
+        return F.matmul(structure, storage, x, grams)
+
+    def prepared_solve(x: Any) -> Any:
+        return F.solve(structure, storage, x, square)
+
+    return cov.matmul, cov.solve, prepared_matmul, prepared_solve, to_flat, from_flat
 
 
 def peer_calls(
@@ -178,17 +194,22 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     x_aug = torch.from_numpy(x_aug_np)
     x_peer = x_aug.reshape(batch, d_out * d_aug).T.contiguous()  # (P, B)
 
-    sc_matmul, sc_solve, to_flat, from_flat = structcov_calls(torch, s_out, s_in, d_in)
+    sc_matmul, sc_solve, pre_matmul, pre_solve, to_flat, from_flat = structcov_calls(
+        torch, s_out, s_in, d_in
+    )
     x_flat = to_flat(x_aug)
     calls: dict[tuple[str, str], Callable[[], Any]] = {
         ("matmul", "structcov"): lambda: sc_matmul(x_flat),
         ("solve", "structcov"): lambda: sc_solve(x_flat),
+        ("matmul", "structcov, prepared"): lambda: pre_matmul(x_flat),
+        ("solve", "structcov, prepared"): lambda: pre_solve(x_flat),
     }
     readers: dict[str, Callable[[Any], np.ndarray]] = {
-        "structcov": lambda y: from_flat(y).double().numpy()
+        "structcov": lambda y: from_flat(y).double().numpy(),
+        "structcov, prepared": lambda y: from_flat(y).double().numpy(),
     }
     notes = []
-    for name in LIBRARIES[1:]:
+    for name in LIBRARIES[2:]:
         found = peer_calls(name, torch, c_out, c_in)
         if isinstance(found, str):
             notes.append(f"skipped {name}: {found}")
@@ -221,6 +242,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
     for operation in OPERATIONS:
         base = statistics.median(times[operation, "structcov"])
+        prepared = statistics.median(times[operation, "structcov, prepared"])
         for name in LIBRARIES:
             if (operation, name) not in calls:
                 continue
@@ -231,6 +253,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
                     "library": name,
                     "time_s": median,
                     "ratio": base / median,
+                    "ratio_prepared": prepared / median,
                     "error": errors[operation, name],
                 }
             )
@@ -239,13 +262,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| operation | library | median time | structcov / library | max rel. error vs float64 |",
-        "|---|---|---|---|---|",
+        "| operation | library | median time | structcov / library "
+        "| structcov, prepared / library | max rel. error vs float64 |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['operation']} | {row['library']} | {row['time_s'] * 1e3:.2f} ms "
-            f"| {row['ratio']:.2f}x | {row['error']:.1e} |"
+            f"| {row['ratio']:.2f}x | {row['ratio_prepared']:.2f}x | {row['error']:.1e} |"
         )
     return "\n".join(lines)
 

@@ -12,8 +12,9 @@ namespace, dtype and device) and is called where storage is created or replaced;
 the operations check only their own inputs (shape, dtype, namespace, device).
 
 One-off setup: `prepare(structure, storage)` returns the state that `logdet`,
-`solve`, `log_prob` and `entropy` share (a capacitance matrix, a square factor);
-pass it as ``state=`` to reuse it across calls with the same storage.
+`solve`, `log_prob` and `entropy` share (a capacitance matrix, a square factor), and
+`prepare_matmul(structure, storage)` the one `matmul` can reuse (Kronecker's factor
+Grams); pass it as ``state=`` to reuse it across calls with the same storage.
 
 The namespace is resolved once per call (`structcov._array_api.namespace`).
 """
@@ -64,6 +65,7 @@ __all__ = [
     "logdet",
     "matmul",
     "prepare",
+    "prepare_matmul",
     "reference_array",
     "sample",
     "sample_shape_of",
@@ -391,10 +393,26 @@ def factor_rmatmul(structure: Structure, storage: Storage, x: Array) -> Array:
     return xp.reshape(out, (*batch, structure.num_factor_columns))
 
 
-def matmul(structure: Structure, storage: Storage, x: Array) -> Array:
-    """Sigma x for ``x`` of shape ``(*batch, P)``, never forming Sigma (S (S^T x) or better)."""
+def prepare_matmul(structure: Structure, storage: Storage) -> Any:
+    """What `matmul` can reuse across calls on this storage, for its ``state`` (or ``None``).
+
+    Kronecker: the factor Grams C_out = S_out S_out^T and C_in = S_in S_in^T
+    (O(d_out^2 r_out + d_aug^2 r_in)), which `matmul` otherwise forms per call. Only
+    valid for this exact storage: prepare again after every change of it (an
+    optimizer step).
+    """
+    return structure.prepare_matmul(namespace(reference_array(structure, storage)), storage)
+
+
+def matmul(structure: Structure, storage: Storage, x: Array, state: Any = None) -> Array:
+    """Sigma x for ``x`` of shape ``(*batch, P)``, never forming Sigma (S (S^T x) or better).
+
+    ``state`` from `prepare_matmul` on this storage, or ``None`` (formed per call where
+    the structure needs it). Kronecker with its Grams given multiplies C_out X~ C_in:
+    B P (d_out + d_aug) multiply-adds, nothing formed per call.
+    """
     xp, batch, blocks = _flat_blocks(structure, storage, x, "x")
-    return _unbatch(xp, structure.matmul_blocks(xp, storage, blocks), batch)
+    return _unbatch(xp, structure.matmul_blocks(xp, storage, blocks, state), batch)
 
 
 def diagonal(structure: Structure, storage: Storage) -> Array:

@@ -107,6 +107,12 @@ def test_pure_functions_read_only_the_storage_they_are_given(
     np.testing.assert_allclose(
         backend.to_numpy(F.matmul(structure, storage, x)), x64 @ oracle.Sigma, **tol
     )
+    # Kronecker's Grams formed once (full ranks: the Gram path even for two vectors)
+    matmul_state = F.prepare_matmul(structure, storage)
+    assert (matmul_state is None) == (not isinstance(structure, Kronecker))
+    np.testing.assert_allclose(
+        backend.to_numpy(F.matmul(structure, storage, x, matmul_state)), x64 @ oracle.Sigma, **tol
+    )
     np.testing.assert_allclose(
         backend.to_numpy(F.factor_rmatmul(structure, storage, x)), x64 @ oracle.S, **tol
     )

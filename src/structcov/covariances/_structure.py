@@ -301,9 +301,17 @@ class Structure(abc.ABC):
     def rblocks(self, xp: Any, storage: Storage, x: list[Array]) -> Array:
         """``S^T x`` of shape (B, K) from the per-name blocks ``x``."""
 
+    def prepare_matmul(self, xp: Any, storage: Storage) -> Any:
+        """What `matmul_blocks` can reuse across calls on this exact storage (``None``:
+        nothing; Kronecker: its two factor Grams)."""
+        return None
+
     @abc.abstractmethod
-    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
-        """``Sigma x`` per name, never forming Sigma."""
+    def matmul_blocks(
+        self, xp: Any, storage: Storage, x: list[Array], state: Any = None
+    ) -> list[Array]:
+        """``Sigma x`` per name, never forming Sigma; ``state`` from `prepare_matmul` or
+        ``None`` (then formed per call where the structure needs it)."""
 
     @abc.abstractmethod
     def diagonal_blocks(self, xp: Any, storage: Storage) -> list[Array]:

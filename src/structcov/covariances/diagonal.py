@@ -100,7 +100,9 @@ class Diagonal(Structure):
         parts = [block * s for block, s in zip(x, self._s(xp, storage), strict=True)]
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
-    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
+    def matmul_blocks(
+        self, xp: Any, storage: Storage, x: list[Array], state: Any = None
+    ) -> list[Array]:
         return [b * v for b, v in zip(x, self.diagonal_blocks(xp, storage), strict=True)]
 
     def diagonal_blocks(self, xp: Any, storage: Storage) -> list[Array]:

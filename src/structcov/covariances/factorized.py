@@ -95,7 +95,9 @@ class Factorized(Structure):
             for (path, size), block in zip(self._factors, x, strict=True)
         )
 
-    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
+    def matmul_blocks(
+        self, xp: Any, storage: Storage, x: list[Array], state: Any = None
+    ) -> list[Array]:
         return self.blocks(xp, storage, self.rblocks(xp, storage, x))
 
     def diagonal_blocks(self, xp: Any, storage: Storage) -> list[Array]:

@@ -281,11 +281,12 @@ class Kronecker(Structure):
             v = v * self.sample_scale
         return xp.reshape(v, (v.shape[0], self.num_factor_columns))
 
-    def _matmul_costs(self, batch: int) -> tuple[int, int]:
+    def _matmul_costs(self, batch: int, grams_given: bool = False) -> tuple[int, int]:
         """Multiply-adds of Sigma x for ``batch`` vectors: (roots S (S^T x), Grams C).
 
         Roots: `rblocks` then `blocks` (its cheaper association). Grams: C_out = S_out
-        S_out^T and C_in = S_in S_in^T formed once per call, then C_out X~ C_in.
+        S_out^T and C_in = S_in S_in^T formed once per call (not counted when
+        ``grams_given``: `prepare_matmul` formed them), then C_out X~ C_in.
         Static shapes only (jit-safe); the Grams win unless the ranks are small.
         """
         r_in, r_out, d_out, d_aug = self.input_rank, self.output_rank, self.d_out, self.d_aug
@@ -297,20 +298,25 @@ class Kronecker(Structure):
                 r_out * r_in * d_aug + d_out * r_out * d_aug,
             )
         )
-        grams = (
-            d_out * d_out * r_out + d_aug * d_aug * r_in + batch * d_out * d_aug * (d_out + d_aug)
-        )
-        return roots, grams
+        forming = 0 if grams_given else d_out * d_out * r_out + d_aug * d_aug * r_in
+        return roots, forming + batch * d_out * d_aug * (d_out + d_aug)
 
-    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
-        roots, grams = self._matmul_costs(x[0].shape[0])
+    def prepare_matmul(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
+        """The two factor Grams (`_grams`), for `matmul_blocks` on this exact storage."""
+        return self._grams(xp, storage)
+
+    def matmul_blocks(
+        self, xp: Any, storage: Storage, x: list[Array], state: Any = None
+    ) -> list[Array]:
+        roots, grams = self._matmul_costs(x[0].shape[0], state is not None)
         if roots <= grams:
             return self.blocks(xp, storage, self.rblocks(xp, storage, x))
         # Sigma vec_r(X~) = vec_r(C_out X~ C_in) (mixed-product rule), C = S S^T per factor.
         # Forming C rounds like the products S (S^T x) do (eps |S| |S|^T), so the result
         # is as accurate as the root path; nothing is solved with C.
         weight, bias = self._split_augmented(xp, x)
-        return self._join(xp, *self._kronecker_product(xp, *self._grams(xp, storage), weight, bias))
+        left, right = self._grams(xp, storage) if state is None else state
+        return self._join(xp, *self._kronecker_product(xp, left, right, weight, bias))
 
     def _grams(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
         """sample_scale^2 C_out = sample_scale^2 S_out S_out^T (d_out x d_out) and

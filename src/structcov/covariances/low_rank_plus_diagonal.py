@@ -161,7 +161,9 @@ class LowRankPlusDiagonal(Structure):
         ]
         return xp.concat([self._low_rank_rmatmul(xp, storage, x), *diagonal_part], axis=1)
 
-    def matmul_blocks(self, xp: Any, storage: Storage, x: list[Array]) -> list[Array]:
+    def matmul_blocks(
+        self, xp: Any, storage: Storage, x: list[Array], state: Any = None
+    ) -> list[Array]:
         # Sigma x = U (U^T x) + d^2 x: O(B P r).
         projected = self._low_rank_rmatmul(xp, storage, x)  # (B, r)
         return [
