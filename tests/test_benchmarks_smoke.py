@@ -171,6 +171,45 @@ def test_train_step_smoke_run_reports_every_structure() -> None:
         assert float(cells[1]) > 0 and float(cells[3]) > 0, row  # structcov and native timed
 
 
+def test_train_step_jax_smoke_run_reports_every_structure() -> None:
+    """``benchmarks/train_step_jax.py --smoke``: a jitted structcov and native step per
+    structure (Equinox layers and optax)."""
+    if _session_backend() != "jax":
+        pytest.skip("benchmarks/train_step_jax.py measures jitted JAX training steps (jax session)")
+    for module in ("jax", "equinox", "optax"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (benchmarks/train_step_jax.py needs it)")
+    script = ROOT / "benchmarks" / "train_step_jax.py"
+    command = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, (
+        f"train_step_jax failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| diagonal", "| kron"))]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0, row  # structcov and native timed
+
+
+def test_kronecker_peers_smoke_run_agrees_with_float64() -> None:
+    """``benchmarks/kronecker_peers.py --smoke``: structcov's Kronecker matmul and solve,
+    per call and with the state prepared, against the peers that are installed and a
+    hand-written torch floor; the script exits 1 if a value disagrees with float64."""
+    if _session_backend() != "torch":
+        pytest.skip("benchmarks/kronecker_peers.py compares CPU torch operators (torch session)")
+    script = ROOT / "benchmarks" / "kronecker_peers.py"
+    command = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, (
+        f"kronecker_peers failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| matmul", "| solve"))]
+    libraries = {cells[1] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+    assert {"structcov", "structcov, prepared", "by hand (torch)"} <= libraries, done.stdout
+    assert len(rows) == 2 * len(libraries), done.stdout
+
+
 def test_lrpd_peers_smoke_run_agrees_with_float64() -> None:
     """``benchmarks/lrpd_peers.py --smoke``: structcov's low rank plus diagonal against
     torch.distributions.LowRankMultivariateNormal; the script exits 1 if structcov's

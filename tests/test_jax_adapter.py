@@ -262,6 +262,19 @@ def test_jit_returns_a_parameter() -> None:
     np.testing.assert_allclose(as_np(out.cov.to_dense()), 16 * as_np(param.cov.to_dense()))
 
 
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_a_step_on_its_own_output_compiles_once(structure: str) -> None:
+    """Storage drawn with a key lies where the means lie without being committed to a
+    device: a committed leaf next to uncommitted means made a jitted step compile a
+    second time when fed its own output (all committed then)."""
+    mean = {"weight": jnp.zeros((3, 4)), "bias": jnp.zeros(3)}
+    param = sc.GaussianParameter(mean, STRUCTURES[structure]())
+    param.cov.reset_parameters(0.3, generator=jax.random.key(0))
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 0.5 * x, p))
+    step(step(param))
+    assert step._cache_size() == 1
+
+
 # ---------------------------------------------------------------------- jax.grad
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_grad_of_kl_matches_finite_differences(structure: str) -> None:

@@ -141,7 +141,11 @@ def to_device(x: Array, device: Any) -> Array:
 
     ``None`` (a traced JAX array has no device) leaves ``x`` where it is.
     """
-    return x if device is None else array_api_compat.to_device(x, device)
+    if device is None or device_of(x) == device:
+        # Already there: no copy, and a JAX array stays uncommitted (a committed leaf next
+        # to uncommitted ones makes a jitted step compile a second time on its own output).
+        return x
+    return array_api_compat.to_device(x, device)
 
 
 def same_device(a: Any, b: Any) -> bool:
