@@ -248,7 +248,8 @@ def _kl_diagonal_to_normal(
     m = [xp.reshape(mean, (-1,)) for mean in means]
     if scale != 1.0:
         m = [part / scale for part in m]
-    squares = total(xp.matmul(part, part) for part in m)  # 1-D matmul: the dot product
+    # 1-D @ is the dot product (the operator: no namespace wrapper's promotion checks)
+    squares = total(part @ part for part in m)
     value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
     # static: with no parameters (empty means) there is no max to take, and KL = 0
     return finish(xp, value, xp.max(r) == math.inf) if r.shape[0] else value
