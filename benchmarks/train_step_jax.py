@@ -12,7 +12,7 @@ loss, gradient, optax update, apply) is one ``jax.jit`` program taking the model
 arrays, the Adam state, the minibatch and a PRNG key, and returning the new arrays,
 state and key with the loss. Per structure (``diagonal``: softplus-parametrised
 stds; ``kronecker``: full-rank factors, bias as the extra input column) it times,
-interleaved after five warm-up steps each (the first one or two compile), the call and
+interleaved after five warm-up steps each (the first compiles), the call and
 ``jax.block_until_ready`` on everything it returns:
 
 - ``structcov``: `structcov.jax.EquinoxSequential` of `structcov.jax.EquinoxLinear`
@@ -192,9 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     warmup = 5
     if args.smoke:
-        # Two warm-up steps, not one: structcov's Kronecker arrays start as a mix of
-        # committed and uncommitted jax Arrays, so its second call compiles again.
-        args.repeats, args.width, args.batch, warmup = 2, 8, 4, 2
+        args.repeats, args.width, args.batch, warmup = 2, 8, 4, 1
     print(machine_info())
     print(
         f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()}), float32, "

@@ -264,15 +264,17 @@ def test_jit_returns_a_parameter() -> None:
 
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_a_step_on_its_own_output_compiles_once(structure: str) -> None:
-    """Storage drawn with a key lies where the means lie without being committed to a
-    device: a committed leaf next to uncommitted means made a jitted step compile a
-    second time when fed its own output (all committed then)."""
-    mean = {"weight": jnp.zeros((3, 4)), "bias": jnp.zeros(3)}
-    param = sc.GaussianParameter(mean, STRUCTURES[structure]())
-    param.cov.reset_parameters(0.3, generator=jax.random.key(0))
-    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 0.5 * x, p))
-    step(step(param))
-    assert step._cache_size() == 1
+    """Initial storage and storage drawn with a key lie where the means lie without being
+    committed to a device: a committed leaf next to uncommitted means made a jitted
+    step compile a second time when fed its own output (all committed then)."""
+    for reset in (False, True):  # the initial storage, and storage drawn with a key
+        mean = {"weight": jnp.zeros((3, 4)), "bias": jnp.zeros(3)}
+        param = sc.GaussianParameter(mean, STRUCTURES[structure]())
+        if reset:
+            param.cov.reset_parameters(0.3, generator=jax.random.key(0))
+        step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 0.5 * x, p))
+        step(step(param))
+        assert step._cache_size() == 1, reset
 
 
 # ---------------------------------------------------------------------- jax.grad

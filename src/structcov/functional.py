@@ -137,7 +137,9 @@ def _zeros_laid_out_like(
     array rather than a read-only broadcast view.
     """
     if mean is None or tuple(shape[: mean.ndim]) != tuple(mean.shape) or len(shape) > mean.ndim + 1:
-        return xp.zeros(shape, dtype=dtype, device=device)
+        # moved only if the default device is not `device`: `device=` commits a JAX
+        # array (see `structcov._array_api.to_device`)
+        return to_device(xp.zeros(shape, dtype=dtype), device)
     zeros = xp.zeros_like(mean)
     if len(shape) == mean.ndim:
         return zeros
@@ -396,10 +398,10 @@ def factor_rmatmul(structure: Structure, storage: Storage, x: Array) -> Array:
 def prepare_matmul(structure: Structure, storage: Storage) -> Any:
     """What `matmul` can reuse across calls on this storage, for its ``state`` (or ``None``).
 
-    Kronecker: the factor Grams C_out = S_out S_out^T and C_in = S_in S_in^T
-    (O(d_out^2 r_out + d_aug^2 r_in)), which `matmul` otherwise forms per call. Only
-    valid for this exact storage: prepare again after every change of it (an
-    optimizer step).
+    Kronecker: the factor Grams sample_scale^2 S_out S_out^T and S_in S_in^T
+    (O(d_out^2 r_out + d_aug^2 r_in)), which `matmul` otherwise forms per call, or
+    ``None`` where S (S^T x) is cheaper even with them (small ranks). Only valid for
+    this exact storage: prepare again after every change of it (an optimizer step).
     """
     return structure.prepare_matmul(namespace(reference_array(structure, storage)), storage)
 
@@ -409,7 +411,8 @@ def matmul(structure: Structure, storage: Storage, x: Array, state: Any = None) 
 
     ``state`` from `prepare_matmul` on this storage, or ``None`` (formed per call where
     the structure needs it). Kronecker with its Grams given multiplies C_out X~ C_in:
-    B P (d_out + d_aug) multiply-adds, nothing formed per call.
+    B P (d_out + d_aug) multiply-adds, nothing formed per call. A state that did not
+    come from `prepare_matmul` raises ``TypeError`` (Kronecker).
     """
     xp, batch, blocks = _flat_blocks(structure, storage, x, "x")
     return _unbatch(xp, structure.matmul_blocks(xp, storage, blocks, state), batch)

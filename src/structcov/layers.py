@@ -487,6 +487,9 @@ def linear(
       is cheaper.
     - `Diagonal`: W_s = M + s * z_s (S P), then one batched GEMM (S N P).
     - Any other structure: W_s formed through its ``blocks`` (``factor_matmul``).
+    - Wherever W_s is formed, one draw with a shared input (S = 1, a training step)
+      forms W 2-D and multiplies with one 2-D GEMM: no sample axis of size one for
+      autograd to reduce over on the way back.
 
     The mean forward (``sample_shape=None``) is N P; given ``parameter_samples``,
     S N P.

@@ -107,9 +107,10 @@ def test_pure_functions_read_only_the_storage_they_are_given(
     np.testing.assert_allclose(
         backend.to_numpy(F.matmul(structure, storage, x)), x64 @ oracle.Sigma, **tol
     )
-    # Kronecker's Grams formed once (full ranks: the Gram path even for two vectors)
+    # Kronecker's Grams formed once (None where S (S^T x) is cheaper: small ranks)
     matmul_state = F.prepare_matmul(structure, storage)
-    assert (matmul_state is None) == (not isinstance(structure, Kronecker))
+    if not isinstance(structure, Kronecker):
+        assert matmul_state is None
     np.testing.assert_allclose(
         backend.to_numpy(F.matmul(structure, storage, x, matmul_state)), x64 @ oracle.Sigma, **tol
     )
@@ -135,6 +136,22 @@ def test_pure_functions_read_only_the_storage_they_are_given(
     # The object's own storage did not change.
     for path, value in param.cov.storage().items():
         np.testing.assert_array_equal(backend.to_numpy(value), before[path])
+
+
+def test_kronecker_matmul_state_is_its_grams_or_none(backend: Backend, dtype: str) -> None:
+    """prepare_matmul gives the Grams at full ranks, None at small ranks (S (S^T x) is
+    cheaper for every batch), and a state from elsewhere is refused by name."""
+    mean = _mean(backend, dtype, {"weight": (6, 7), "bias": (6,)})
+    full = sc.GaussianParameter(mean, sc.KroneckerCovariance())
+    grams = F.prepare_matmul(full.cov.structure, full.cov.storage())
+    assert grams is not None and tuple(grams.output.shape) == (6, 6)
+    assert tuple(grams.input.shape) == (8, 8)
+    low = sc.GaussianParameter(mean, sc.KroneckerCovariance(output_rank=1, input_rank=1))
+    assert F.prepare_matmul(low.cov.structure, low.cov.storage()) is None
+    x = backend.asarray(np.ones((2, full.num_params)), dtype)
+    square = F.prepare(full.cov.structure, full.cov.storage())  # solve's state, not matmul's
+    with pytest.raises(TypeError, match="must come from `prepare_matmul`"):
+        F.matmul(full.cov.structure, full.cov.storage(), x, square)
 
 
 def test_log_prob_and_kl_as_pure_functions(backend: Backend, dtype: str) -> None:

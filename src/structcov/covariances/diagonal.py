@@ -236,8 +236,9 @@ def _kl_diagonal_to_normal(
     Exact edges without per-element compares or ``where`` s (each costs several
     multiplies' worth on CPU torch): r = 0 gives ``-2 log 0 = +inf`` by itself, and
     r = inf (an ``inf - inf`` term) is decided on ``max(r) == inf``; both are
-    ``+inf`` (NumPy warns of the ``log(0)`` or the ``inf - inf``). NaN propagates
-    (``max`` keeps it, so a NaN is never read as an infinite r).
+    ``+inf`` (NumPy warns of the ``log(0)`` or the ``inf - inf``); their gradient is
+    NaN (it was 0 under the former ``where``; the loss is infinite either way). NaN
+    propagates (``max`` keeps it, so a NaN is never read as an infinite r).
     """
     raw = [xp.reshape(q_storage[path], (size,)) for path, _, size in q._scales]
     r = positive(xp, raw[0] if len(raw) == 1 else xp.concat(raw), q.scale_transform)
@@ -251,8 +252,9 @@ def _kl_diagonal_to_normal(
     # 1-D @ is the dot product (the operator: no namespace wrapper's promotion checks)
     squares = total(part @ part for part in m)
     value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
-    # static: with no parameters (empty means) there is no max to take, and KL = 0
-    return finish(xp, value, xp.max(r) == math.inf) if r.shape[0] else value
+    if not r.shape[0]:  # static: no parameters (empty means), no max to take; KL = 0
+        return xp.asarray(value)
+    return finish(xp, value, xp.max(r) == math.inf)
 
 
 @register_covariance

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, final
 
 from .. import _linalg
-from .._array_api import Array, device_of
+from .._array_api import Array, device_of, to_device
 from .._layout import Layout
 from ._base import register_covariance
 from ._kl import (
@@ -168,15 +168,17 @@ class Kronecker(Structure):
         Added to ``zeros`` to keep their layout (chunks, sharding)."""
         ref = zeros["output_factor"]
         dtype, device = ref.dtype, device_of(ref)
-        eye_in = xp.eye(self.d_aug, self.input_rank, dtype=dtype, device=device)
+        # Made on the default device, then moved only if that is not where `zeros` lies:
+        # `device=` would commit a JAX array, and a committed leaf next to uncommitted
+        # means makes a jitted step compile a second time on its own output.
+        eye_in = to_device(xp.eye(self.d_aug, self.input_rank, dtype=dtype), device)
+        eye_out = to_device(xp.eye(self.d_out, self.output_rank, dtype=dtype), device)
         out = dict(zeros)
         weight = zeros["input_factor.weight"]
         out["input_factor.weight"] = weight + xp.reshape(eye_in[: self.d_in, :], weight.shape)
         if self.has_bias:
             out["input_factor.bias"] = zeros["input_factor.bias"] + eye_in[self.d_in :, :]
-        out["output_factor"] = ref + xp.eye(
-            self.d_out, self.output_rank, dtype=dtype, device=device
-        )
+        out["output_factor"] = ref + eye_out
         return out
 
     @property
@@ -301,13 +303,21 @@ class Kronecker(Structure):
         forming = 0 if grams_given else d_out * d_out * r_out + d_aug * d_aug * r_in
         return roots, forming + batch * d_out * d_aug * (d_out + d_aug)
 
-    def prepare_matmul(self, xp: Any, storage: Storage) -> tuple[Array, Array]:
-        """The two factor Grams (`_grams`), for `matmul_blocks` on this exact storage."""
-        return self._grams(xp, storage)
+    def prepare_matmul(self, xp: Any, storage: Storage) -> KroneckerGrams | None:
+        """The two factor Grams (`_grams`) for `matmul_blocks` on this exact storage, or
+        ``None`` where S (S^T x) is cheaper even with them given (small ranks): once the
+        Grams are given both costs scale with the batch, so that holds for every batch."""
+        roots, grams = self._matmul_costs(1, grams_given=True)
+        return None if roots <= grams else KroneckerGrams(*self._grams(xp, storage))
 
     def matmul_blocks(
         self, xp: Any, storage: Storage, x: list[Array], state: Any = None
     ) -> list[Array]:
+        if state is not None and not isinstance(state, KroneckerGrams):
+            raise TypeError(
+                "`state` of a Kronecker matmul must come from `prepare_matmul` (its factor "
+                f"Grams), got {type(state).__name__}"
+            )
         roots, grams = self._matmul_costs(x[0].shape[0], state is not None)
         if roots <= grams:
             return self.blocks(xp, storage, self.rblocks(xp, storage, x))
@@ -511,6 +521,13 @@ class Kronecker(Structure):
         right = _linalg.matmul(xp, left, xp.matrix_transpose(inverse.input))  # ... S_in^-T
         del left
         return xp.sum(right * right, axis=(1, 2)) / (self.sample_scale**2)
+
+
+class KroneckerGrams(NamedTuple):
+    """`Kronecker.prepare_matmul`: the factor Grams (d x d arrays only)."""
+
+    output: Array  #: sample_scale^2 S_out S_out^T, (d_out, d_out)
+    input: Array  #: S_in S_in^T, (d_aug, d_aug), weight rows then the bias row
 
 
 class KroneckerInverse(NamedTuple):
