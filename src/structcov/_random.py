@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._array_api import Array, backend_name
+from ._array_api import Array, backend_name, to_device
 
 __all__ = ["standard_normal", "standard_normals"]
 
@@ -233,19 +233,11 @@ def _jax_normals(
     ]
     # A sharded reference's "device" is its sharding, which fits only arrays of its own
     # rank and layout: only a single device is imposed here (split draws: `split_like`).
-    # Moved only when drawn elsewhere: device_put commits an array, and a committed leaf
-    # next to uncommitted means makes a jitted training step compile twice.
+    # Moved only when drawn elsewhere (`to_device`): device_put commits an array, and a
+    # committed leaf next to uncommitted means makes a jitted training step compile twice.
     if isinstance(device, jax.Device):
-        out = [z if _jax_on(jax, z, device) else jax.device_put(z, device) for z in out]
+        out = [to_device(z, device) for z in out]
     return out
-
-
-def _jax_on(jax: Any, z: Any, device: Any) -> bool:
-    """Whether the concrete array ``z`` lies on ``device`` alone (a traced one: unknown)."""
-    try:
-        return bool(z.devices() == {device})
-    except jax.errors.ConcretizationTypeError:  # traced (vmap over keys): no devices yet
-        return False
 
 
 def _cupy_normals(generator: Any, shapes: list[tuple[int, ...]], dtype: Any) -> list[Array]:

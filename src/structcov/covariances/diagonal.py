@@ -244,11 +244,9 @@ def _kl_diagonal_to_normal(
     r = positive(xp, raw[0] if len(raw) == 1 else xp.concat(raw), q.scale_transform)
     if q.scale_transform == "identity":  # static: a raw scale may be negative
         r = xp.abs(r)
-    if scale != 1.0:  # static: a Python float
-        r = r / scale
     m = [xp.reshape(mean, (-1,)) for mean in means]
-    if scale != 1.0:
-        m = [part / scale for part in m]
+    if scale != 1.0:  # static: a Python float
+        r, m = r / scale, [part / scale for part in m]
     # 1-D @ is the dot product (the operator: no namespace wrapper's promotion checks)
     squares = total(part @ part for part in m)
     value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
