@@ -63,6 +63,7 @@ OPS = (
     "solve",
     "log_prob",
     "kl",
+    "kl_float",
 )
 
 
@@ -215,6 +216,8 @@ def run_op(op: str, q: sc.GaussianParameter, args: dict[str, Any]) -> Any:
         return q.log_prob(dict(zip(q.names, args["value"], strict=True)))
     if op == "kl":
         return sc.kl_divergence(q, sc.normal_prior(q, 1.0))
+    if op == "kl_float":  # the float prior's own path (`functional.kl_to_normal`)
+        return sc.kl_divergence(q, 1.5)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -1746,15 +1746,19 @@ def _spec(x: Any) -> tuple[Any, ...]:
 def _sharded_matmul(a: Any, b: Any) -> Any:
     """``a @ b``; when both sides split the contracted axis, JAX's explicit mode asks for
     the output sharding: that of the contraction with the axis unsplit (partial sums,
-    then an all-reduce), which automatic sharding picks by itself."""
+    then an all-reduce), which automatic sharding picks by itself. 1-D operands as in
+    ``matmul`` (a dot product of two vectors is 0-D, replicated)."""
     spec_a, spec_b = _spec(a), _spec(b)
-    if spec_a[-1] is None or spec_b[-2] is None:
+    if spec_a[-1] is None or spec_b[-2 if b.ndim > 1 else -1] is None:
         return jax.numpy.matmul(a, b)
-    batch = max(a.ndim, b.ndim) - 2
-    pad_a = (None,) * (batch - a.ndim + 2) + spec_a[:-2]
-    pad_b = (None,) * (batch - b.ndim + 2) + spec_b[:-2]
+    batch_a, batch_b = spec_a[:-2], spec_b[:-2]  # empty for a 1-D operand
+    batch = max(len(batch_a), len(batch_b))
+    pad_a = (None,) * (batch - len(batch_a)) + batch_a
+    pad_b = (None,) * (batch - len(batch_b)) + batch_b
     out = tuple(x if x is not None else y for x, y in zip(pad_a, pad_b, strict=True))
-    return jax.numpy.matmul(a, b, out_sharding=_PartitionSpec(*out, spec_a[-2], spec_b[-1]))
+    rows = spec_a[-2:-1] if a.ndim > 1 else ()
+    columns = spec_b[-1:] if b.ndim > 1 else ()
+    return jax.numpy.matmul(a, b, out_sharding=_PartitionSpec(*out, *rows, *columns))
 
 
 def _one_piece(a: Any, axes: tuple[int, ...]) -> Any:

@@ -564,12 +564,25 @@ def _one_draw_forward(
     on CPU torch at 256 x 256).
     """
     layout = structure.layout
-    formed = {
-        name: xp.reshape(block, shape) + means[name]
-        for name, shape, block in zip(
-            layout.names, layout.shapes, structure.blocks(xp, storage, z), strict=True
-        )
-    }
+    if isinstance(structure, Diagonal):
+        # M + s * z per name in the mean's shape, s read as stored: no flat (1, n) copy
+        # of s or of the product, so backward has three nodes per name, not six
+        # (about 0.1 ms of a 256 x 256 layer's forward + backward on CPU torch)
+        formed = {
+            name: means[name]
+            + structure.standard_deviation(xp, storage, name)
+            * xp.reshape(z[0, offset : offset + size], shape)
+            for name, shape, offset, size in zip(
+                layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True
+            )
+        }
+    else:
+        formed = {
+            name: xp.reshape(block, shape) + means[name]
+            for name, shape, block in zip(
+                layout.names, layout.shapes, structure.blocks(xp, storage, z), strict=True
+            )
+        }
     out = x2 @ xp.matrix_transpose(formed["weight"])  # the operator: no wrapper's checks
     bias = formed.get("bias")
     return out if bias is None else out + bias

@@ -30,6 +30,7 @@ from ._structure import (
     eye,
     logdet_of,
     split_flat,
+    total,
 )
 
 __all__ = [
@@ -258,17 +259,22 @@ def _kl_to_normal_generic(
     r = xp.sqrt(safe / (num * scale * scale))
     spread = num * ((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r))
     gap = num * xp.log(safe / num) - logdet_of(xp, q, q_storage)
-    mean = _mean_term(xp, means, scale)
+    mean = mean_term(xp, means, scale)
     return finish(xp, 0.5 * (spread + gap + mean), edge)
 
 
-def _mean_term(xp: Any, means: list[Array], scale: float) -> Array:
-    """|m / scale|^2 over every mean (divided first: m^2 overflows in float32 first)."""
-    parts = [xp.sum((m / scale) ** 2) for m in means]
-    out = parts[0]
-    for part in parts[1:]:
-        out = out + part
-    return out
+def mean_term(xp: Any, means: list[Array], scale: float) -> Array:
+    """|m / scale|^2 over every mean, one dot product per mean (divided first when
+    scale != 1: m^2 overflows in float32 before m / scale does).
+
+    A 1-D matmul is the dot product: one pass with no temporary, forward and backward
+    (``sum(m ** 2)`` is three); array-api-compat's torch ``vecdot`` is a slow
+    (1, P) x (P, 1) ``mm``. Through `_linalg.matmul`: the means may be split (JAX).
+    """
+    flat = [xp.reshape(mean, (-1,)) for mean in means]
+    if scale != 1.0:  # static: a Python float
+        flat = [part / scale for part in flat]
+    return total(_linalg.matmul(xp, part, part) for part in flat)
 
 
 # ---------------------------------------------------------------- singular pairs

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, final
 from .._array_api import Array, device_of
 from .._layout import Layout
 from ._base import StructuredCovariance, register_covariance
-from ._kl import finish, register_kl, register_kl_to_normal
+from ._kl import finish, mean_term, register_kl, register_kl_to_normal
 from ._structure import (
     Slot,
     Storage,
@@ -244,11 +244,9 @@ def _kl_diagonal_to_normal(
     r = positive(xp, raw[0] if len(raw) == 1 else xp.concat(raw), q.scale_transform)
     if q.scale_transform == "identity":  # static: a raw scale may be negative
         r = xp.abs(r)
-    m = [xp.reshape(mean, (-1,)) for mean in means]
     if scale != 1.0:  # static: a Python float
-        r, m = r / scale, [part / scale for part in m]
-    # 1-D @ is the dot product (the operator: no namespace wrapper's promotion checks)
-    squares = total(part @ part for part in m)
+        r = r / scale
+    squares = mean_term(xp, means, scale)
     value = 0.5 * (xp.sum((r - 1.0) * (r + 1.0) - 2.0 * xp.log(r)) + squares)
     if not r.shape[0]:  # static: no parameters (empty means), no max to take; KL = 0
         return xp.asarray(value)

@@ -401,10 +401,15 @@ class Kronecker(Structure):
         return [blocks[name] for name in self.layout.names]
 
     def trace(self, xp: Any, storage: Storage) -> Array:
-        """tr Sigma = tr(C_out) tr(C_in) (mixed-product rule). O(factor sizes)."""
-        out, weight, bias = self._diagonal_factors(xp, storage)
-        trace_in = xp.sum(weight) if bias is None else xp.sum(weight) + bias
-        return xp.sum(out) * trace_in
+        """tr Sigma = tr(C_out) tr(C_in) (mixed-product rule), tr(S S^T) = |S|_F^2: one
+        dot product per stored factor. O(factor sizes)."""
+        # a 1-D matmul is the dot product: one pass forward and backward, no temporary;
+        # `_linalg.matmul`: S_out's rows may be split (JAX)
+        flat = {path: xp.reshape(storage[path], (-1,)) for path in self.paths}
+        s_out = flat.pop("output_factor")
+        trace_in = total(_linalg.matmul(xp, part, part) for part in flat.values())
+        value = _linalg.matmul(xp, s_out, s_out) * trace_in
+        return value if self.sample_scale == 1.0 else value * (self.sample_scale**2)
 
     # ------------------------------------------------------------ full rank
     def prepare(self, xp: Any, storage: Storage) -> Array:
