@@ -420,8 +420,10 @@ class Kronecker(Structure):
         # det(A ⊗ B) = det(A)^m det(B)^n (A n x n, B m x m); log det(S S^T) = 2 log|det S|.
         log_out = _linalg.logabsdet(xp, storage["output_factor"])
         log_in = _linalg.logabsdet(xp, state)
-        scale_term = self.num_params * math.log(self.sample_scale**2)
-        return 2.0 * (self.d_aug * log_out + self.d_out * log_in) + scale_term
+        value = 2.0 * (self.d_aug * log_out + self.d_out * log_in)
+        if self.sample_scale == 1.0:  # static: no scalar op to add 0
+            return value
+        return value + self.num_params * math.log(self.sample_scale**2)
 
     def solve_blocks(self, xp: Any, storage: Storage, state: Array, x: list[Array]) -> list[Array]:
         """Sigma^-1 x per name: vec_r(C_out^-1 X~ C_in^-1) / sample_scale^2 (full ranks).
