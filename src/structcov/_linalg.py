@@ -21,7 +21,7 @@ cannot say; an adapter says them with `register_override` (structcov.jax does):
   (JAX's explicit mode refuses an LU of a split matrix), as dask needs one chunk.
 
 Without an override (every backend, and JAX without explicit sharding) these are
-``xp.matmul`` and the identity.
+the ``@`` operator and the identity.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _OVERRIDES: dict[tuple[str, str], Callable[..., Array]] = {}
 def register_override(backend: str, name: str, function: Callable[..., Array]) -> None:
     """Install ``function`` as ``name`` ("matmul" or "one_piece") for arrays of ``backend``.
 
-    For adapters (structcov.jax): ``matmul(a, b)`` replaces ``xp.matmul`` in `matmul`;
+    For adapters (structcov.jax): ``matmul(a, b)`` replaces ``a @ b`` in `matmul`;
     ``one_piece(a, axes)`` returns ``a`` with ``axes`` whole on each device.
     """
     if name not in ("matmul", "one_piece"):

@@ -747,7 +747,9 @@ def kl_to_normal(
     building that prior: O(P) elementwise for a diagonal q, else q's ``trace`` and
     ``logdet`` only (KL = 0.5 [tr/c - P + P log c - log det Sigma + |m|^2 / c],
     c = scale^2, summed as non-negative terms; see
-    ``structcov.covariances._kl._kl_to_normal_generic``). ``+inf`` for a singular q.
+    ``structcov.covariances._kl._kl_to_normal_generic``). ``+inf`` for a singular q and
+    at the exact edges (a zero standard deviation, a zero or infinite trace), where
+    NumPy warns of the ``log(0)`` or ``inf - inf`` and the gradient is NaN.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"`scale` must be a float > 0, got {scale!r}")

@@ -224,13 +224,13 @@ def _kl_diagonal_to_normal(
     xp: Any, q: Diagonal, q_storage: Storage, means: list[Array], scale: float
 ) -> Array:
     """KL(diag(s^2) || N(0, scale^2 I)) = 0.5 sum(r^2 - 1 - 2 log|r| + (m / scale)^2),
-    r = s / scale. O(P): one fused elementwise pass over all names for r, one dot
-    product per mean.
+    r = s / scale. O(P): one fused elementwise pass over all names for r, one sum of
+    squares per mean (`mean_term`).
 
     The VI step's KL to its prior, written for few elementwise operations (the
     standard deviations are concatenated first: each operation costs a fixed overhead
     on CPU torch): every term is >= 0 (r^2 - 1 as (r - 1)(r + 1), exact near r = 1;
-    |m|^2 as a dot product, one pass with no temporary), standard deviations, never
+    |m|^2 summed pairwise, see `mean_term`), standard deviations, never
     variances (s^2 underflows in float32 long before s).
 
     Exact edges without per-element compares or ``where`` s (each costs several
