@@ -7,12 +7,14 @@ backend: ``array_api_compat`` recognises arrays by their type's module name.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import array_api_compat
 
 __all__ = [
     "Array",
+    "backend_function",
     "backend_name",
     "chunks_of",
     "device_of",
@@ -97,7 +99,9 @@ _BACKENDS = (
 
 
 #: (array type, dtype) -> namespace, for arrays whose namespace was looked up before
-_NAMESPACES: dict[tuple[type, Any], Any] = {}
+_NAMESPACES: dict[Any, Any] = {}
+#: Array types whose ``.device`` attribute is their device (see `device_of`).
+_STANDARD_DEVICE: set[type] = set()
 
 
 def namespace(*arrays: Array, argument: str = "the arrays") -> Any:
@@ -109,16 +113,18 @@ def namespace(*arrays: Array, argument: str = "the arrays") -> Any:
     # array_namespace costs microseconds, a measurable part of a call at small P. Its
     # answer depends only on the array type (and dtype: JAX's float0 gradients are
     # NumPy arrays), so arrays of one known (type, dtype) skip it.
-    first = arrays[0] if arrays else None
-    key = (type(first), getattr(first, "dtype", None))
+    # Mixed types (a torch Tensor and a Parameter) are keyed as a tuple of the pairs.
+    key: Any = (
+        (type(arrays[0]), getattr(arrays[0], "dtype", None))
+        if len(arrays) == 1
+        else tuple((type(a), getattr(a, "dtype", None)) for a in arrays)
+    )
     cached = _NAMESPACES.get(key)
-    if cached is not None and all(
-        type(a) is key[0] and getattr(a, "dtype", None) == key[1] for a in arrays[1:]
-    ):
+    if cached is not None:
         return cached
     try:
         xp = array_api_compat.array_namespace(*arrays)
-        if len(arrays) == 1:
+        if arrays:
             _NAMESPACES[key] = xp
         return xp
     except TypeError as error:
@@ -135,6 +141,18 @@ def is_array_api_obj(x: Any) -> bool:
 
 def device_of(x: Array) -> Any:
     """The device of ``x`` (``None`` for a traced JAX array)."""
+    # compat's `device` tests for NumPy, dask, JAX and sparse arrays (a few µs) before
+    # it reads the standard `.device` attribute; a type found to be none of them is read
+    # directly from then on
+    if type(x) in _STANDARD_DEVICE:
+        return getattr(x, "device")  # noqa: B009 -- `Array` does not declare it
+    if not (
+        array_api_compat.is_numpy_array(x)
+        or array_api_compat.is_dask_array(x)
+        or array_api_compat.is_jax_array(x)
+        or array_api_compat.is_pydata_sparse_array(x)
+    ):
+        _STANDARD_DEVICE.add(type(x))
     return array_api_compat.device(x)
 
 
@@ -173,6 +191,25 @@ def chunks_of(xp: Any, x: Array) -> tuple[tuple[int, ...], ...] | None:
         return None
     chunked: Any = x  # a dask array: ``chunks`` is dask's, not the standard's
     return tuple(tuple(int(c) for c in axis) for axis in chunked.chunks)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def backend_function(xp: Any, hooks: dict[str, _F], cache: dict[str, _F], default: _F) -> _F:
+    """``hooks[backend_name(xp)]``, else ``default``: a per-backend kernel for what the
+    standard cannot say in one call (a fused softplus, torch's ``linear``).
+
+    Looked up once per namespace and kept in ``cache`` under the namespace module's
+    name (not the module: ``torch.compile`` cannot hash a module).
+    """
+    key = getattr(xp, "__name__", None)
+    function = cache.get(key) if key is not None else None
+    if function is None:
+        function = hooks.get(backend_name(xp), default)
+        if key is not None:
+            cache[key] = function
+    return function
 
 
 def backend_name(xp: Any) -> str:

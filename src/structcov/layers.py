@@ -21,7 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._array_api import Array, device_of, is_array_api_obj, namespace, same_device
+from ._array_api import (
+    Array,
+    backend_function,
+    device_of,
+    is_array_api_obj,
+    namespace,
+    same_device,
+)
 from ._random import standard_normal
 from .covariances._structure import Storage, Structure, add_into
 from .covariances.diagonal import Diagonal
@@ -284,11 +291,35 @@ def _formed_weights(
     return out
 
 
+def _standard_affine(xp: Any, x: Array, weight: Array, bias: Array | None) -> Array:
+    out = x @ xp.matrix_transpose(weight)  # the operator: no namespace wrapper's checks
+    return out if bias is None else out + bias
+
+
+def _torch_affine(xp: Any, x: Any, weight: Any, bias: Any) -> Array:
+    import torch
+
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+#: backend name -> ``x W^T + b`` in one kernel. The standard has no GEMM that adds into
+#: its output; torch's ``linear`` is one ``addmm`` (no separate bias pass and node).
+_AFFINE_HOOKS: dict[str, Callable[[Any, Array, Array, Array | None], Array]] = {
+    "torch": _torch_affine
+}
+#: namespace module name -> its affine map (see `backend_function`).
+_AFFINE: dict[str, Callable[[Any, Array, Array, Array | None], Array]] = {}
+
+
+def _affine(xp: Any, x: Array, weight: Array, bias: Array | None) -> Array:
+    """``x W^T + b`` for x (..., N, d_in), W (d_out, d_in), b (d_out,) or ``None``:
+    (..., N, d_out). N d_out d_in multiply-adds."""
+    return backend_function(xp, _AFFINE_HOOKS, _AFFINE, _standard_affine)(xp, x, weight, bias)
+
+
 def _mean_forward(xp: Any, x2: Array, means: dict[str, Array]) -> Array:
     """``x M^T + b`` for x (..., N, d_in): (..., N, d_out). N P multiply-adds."""
-    out = xp.matmul(x2, xp.matrix_transpose(means["weight"]))
-    bias = means.get("bias")
-    return out if bias is None else out + bias
+    return _affine(xp, x2, means["weight"], means.get("bias"))
 
 
 def _kronecker_forward(
@@ -583,9 +614,7 @@ def _one_draw_forward(
                 layout.names, layout.shapes, structure.blocks(xp, storage, z), strict=True
             )
         }
-    out = x2 @ xp.matrix_transpose(formed["weight"])  # the operator: no wrapper's checks
-    bias = formed.get("bias")
-    return out if bias is None else out + bias
+    return _affine(xp, x2, formed["weight"], formed.get("bias"))
 
 
 def _factorized_forward(

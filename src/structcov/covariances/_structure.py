@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._array_api import Array, backend_name, device_of
+from .._array_api import Array, backend_function, device_of
 from .._layout import Layout
 
 __all__ = [
@@ -173,12 +173,7 @@ def softplus(xp: Any, raw: Array) -> Array:
     Exact to rounding over the whole range: rho itself for large rho, e^rho for very
     negative rho; NaN and +-inf propagate (softplus(-inf) = 0).
     """
-    key = getattr(xp, "__name__", None)
-    function = _SOFTPLUS.get(key) if key is not None else None
-    if function is None:
-        function = _SOFTPLUS_HOOKS.get(backend_name(xp), _standard_softplus)
-        if key is not None:
-            _SOFTPLUS[key] = function
+    function = backend_function(xp, _SOFTPLUS_HOOKS, _SOFTPLUS, _standard_softplus)
     return function(xp, raw)
 
 
