@@ -48,8 +48,9 @@ _NAMES = ("weight", "bias")
 
 
 # --------------------------------------------------------------------- projections
-#: ``forward(xp, structure, storage, means, x2, z2, has_bias)`` -> (S, N, d_out): the
-#: sampled forward without forming per-sample weights.
+#: ``forward(xp, structure, storage, means, x2, z2, has_bias)`` -> (S, N, d_out) (or any
+#: shape of those elements in that order: the caller reshapes): the sampled forward
+#: without forming per-sample weights.
 ProjectionForward = Callable[[Any, Any, Storage, dict[str, Array], Array, Array, bool], Array]
 #: ``costs(structure, S, N)`` -> (project, weights) multiply-adds for an input shared by
 #: the samples; ``None``: always project.
@@ -330,22 +331,27 @@ def _kronecker_forward(
     x2: Array,
     z: Array,
 ) -> Array:
-    """x~ W~_s^T = x~ M~^T + sample_scale ((x~ B) Z_s^T) A^T, returns (S, N, d_out).
+    """x~ W~_s^T = x~ M~^T + sample_scale ((x~ B) Z_s^T) A^T, returns (S, N, d_out)
+    ((N, d_out) for one draw with a shared input).
 
     W~_s = M~ + sample_scale A Z_s B^T (K-FAC, `Kronecker`), A = S_out (d_out, r_out),
     B = S_in (d_in + has_bias, r_in) whose last row is the bias row, Z_s the noise
     reshaped row-major to (r_out, r_in). x~ B = x B_w + B_b (no ones column).
     """
     num_samples = z.shape[0]
-    zz = xp.reshape(z, (num_samples, structure.output_rank, structure.input_rank))
-    projected = xp.matmul(x2, storage["input_factor.weight"])  # (..., N, r_in)
-    if structure.has_bias:
-        projected = projected + storage["input_factor.bias"]
-    mixed = xp.matmul(projected, xp.matrix_transpose(zz))  # (S, N, r_out)
+    ranks = (structure.output_rank, structure.input_rank)
+    # one draw, shared input (a training step): Z 2-D, so no batched GEMM over an axis of
+    # size one for autograd to reduce on the way back (as in `_one_draw_forward`)
+    one_draw = num_samples == 1 and x2.ndim == 2
+    zz = xp.reshape(z, ranks if one_draw else (num_samples, *ranks))
+    bias = storage["input_factor.bias"] if structure.has_bias else None
+    # x~ B = x B_w + B_b, (..., N, r_in): B_w^T is a view, read transposed by the GEMM
+    projected = _affine(xp, x2, xp.matrix_transpose(storage["input_factor.weight"]), bias)
+    mixed = projected @ xp.matrix_transpose(zz)  # (S, N, r_out), or (N, r_out)
     s_out = storage["output_factor"]
     if structure.sample_scale != 1.0:
         s_out = s_out * structure.sample_scale
-    return _mean_forward(xp, x2, means) + xp.matmul(mixed, xp.matrix_transpose(s_out))
+    return _mean_forward(xp, x2, means) + mixed @ xp.matrix_transpose(s_out)
 
 
 def _factor_projection(
