@@ -224,12 +224,13 @@ def _kl_diagonal_to_normal(
     xp: Any, q: Diagonal, q_storage: Storage, means: list[Array], scale: float
 ) -> Array:
     """KL(diag(s^2) || N(0, scale^2 I)) = 0.5 sum(r^2 - 1 - 2 log|r| + (m / scale)^2),
-    r = s / scale. O(P): one fused elementwise pass over all names for r, one sum of
-    squares per mean (`mean_term`).
+    r = s / scale. O(P): per name, r and two sums; one sum of squares per mean
+    (`mean_term`).
 
-    The VI step's KL to its prior, written for few elementwise operations (the
-    standard deviations are concatenated first: each operation costs a fixed overhead
-    on CPU torch): sum((r - 1)(r + 1)) - 2 sum(log r) (r^2 - 1 as (r - 1)(r + 1), exact
+    The VI step's KL to its prior, written for few elementwise operations (each costs
+    a fixed overhead on CPU torch; per name rather than over a concatenation, which
+    costs a copy and, under ``jax.jit`` on CPU, about 1.4x the fused KL's time against
+    1.2x): sum((r - 1)(r + 1)) - 2 sum(log r) (r^2 - 1 as (r - 1)(r + 1), exact
     near r = 1; two sums have the error bound of one sum of the differences,
     eps (|r^2 - 1| + |2 log r|) per element), |m|^2 summed pairwise (`mean_term`),
     standard deviations, never variances (s^2 underflows in float32 long before s).
@@ -241,17 +242,18 @@ def _kl_diagonal_to_normal(
     or the ``inf - inf``); their gradient is NaN (the loss is infinite either way).
     NaN propagates (a NaN r makes the first sum NaN, never read as infinite).
     """
-    raw = [xp.reshape(q_storage[path], (size,)) for path, _, size in q._scales]
-    r = positive(xp, raw[0] if len(raw) == 1 else xp.concat(raw), q.scale_transform)
-    if q.scale_transform == "identity":  # static: a raw scale may be negative
-        r = xp.abs(r)
-    if scale != 1.0:  # static: a Python float
-        r = r / scale
+    spreads, logs = [], []
+    for path, _, _ in q._scales:
+        r = positive(xp, q_storage[path], q.scale_transform)
+        if q.scale_transform == "identity":  # static: a raw scale may be negative
+            r = xp.abs(r)
+        if scale != 1.0:  # static: a Python float
+            r = r / scale
+        spreads.append(xp.sum((r - 1.0) * (r + 1.0)))
+        logs.append(xp.sum(xp.log(r)))
     squares = mean_term(xp, means, scale)
-    # two sums, not one of the difference: the same error bound, eps (|r^2 - 1| + |2 log r|)
-    # per element either way, and one P-sized pass (and its backward) fewer
-    spread = xp.sum((r - 1.0) * (r + 1.0))
-    value = 0.5 * ((spread - 2.0 * xp.sum(xp.log(r))) + squares)
+    spread = total(spreads)
+    value = 0.5 * ((spread - 2.0 * total(logs)) + squares)
     # an infinite r makes `spread` +inf (it is >= -P otherwise): a 0-D test, no pass
     return finish(xp, value, spread == math.inf)
 
