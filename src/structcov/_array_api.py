@@ -98,7 +98,8 @@ _BACKENDS = (
 )
 
 
-#: (array type, dtype) -> namespace, for arrays whose namespace was looked up before
+#: (array type, dtype) for one array, a tuple of those pairs for several -> namespace,
+#: for arrays whose namespace was looked up before
 _NAMESPACES: dict[Any, Any] = {}
 #: Array types whose ``.device`` attribute is their device (see `device_of`).
 _STANDARD_DEVICE: set[type] = set()
@@ -113,7 +114,8 @@ def namespace(*arrays: Array, argument: str = "the arrays") -> Any:
     # array_namespace costs microseconds, a measurable part of a call at small P. Its
     # answer depends only on the array type (and dtype: JAX's float0 gradients are
     # NumPy arrays), so arrays of one known (type, dtype) skip it.
-    # Mixed types (a torch Tensor and a Parameter) are keyed as a tuple of the pairs.
+    # Several arrays are keyed by the tuple of their pairs (a torch Tensor input and
+    # Parameter storage are two types: one lookup, then cached).
     key: Any = (
         (type(arrays[0]), getattr(arrays[0], "dtype", None))
         if len(arrays) == 1

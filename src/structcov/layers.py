@@ -344,7 +344,8 @@ def _kronecker_forward(
     # size one for autograd to reduce on the way back (as in `_one_draw_forward`)
     one_draw = num_samples == 1 and x2.ndim == 2
     zz = xp.reshape(z, ranks if one_draw else (num_samples, *ranks))
-    bias = storage["input_factor.bias"] if structure.has_bias else None
+    rank = structure.input_rank  # the bias row (1, r_in) as the affine map's (r_in,): a view
+    bias = xp.reshape(storage["input_factor.bias"], (rank,)) if structure.has_bias else None
     # x~ B = x B_w + B_b, (..., N, r_in): B_w^T is a view, read transposed by the GEMM
     projected = _affine(xp, x2, xp.matrix_transpose(storage["input_factor.weight"]), bias)
     mixed = projected @ xp.matrix_transpose(zz)  # (S, N, r_out), or (N, r_out)
