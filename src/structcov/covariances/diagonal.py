@@ -246,8 +246,7 @@ def _kl_diagonal_to_normal(
     backend (XLA's ``max`` would drop it).
     """
     terms, spreads = [], []
-    for path, _, _ in q._scales:
-        r = positive(xp, q_storage[path], q.scale_transform)
+    for r in q._s(xp, q_storage):
         if q.scale_transform == "identity":  # static: a raw scale may be negative
             r = xp.abs(r)
         if scale != 1.0:  # static: a Python float
