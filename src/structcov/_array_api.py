@@ -141,6 +141,15 @@ def is_array_api_obj(x: Any) -> bool:
     return bool(array_api_compat.is_array_api_obj(x))
 
 
+def reshaped(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
+    """``xp.reshape(x, shape)``, or ``x`` itself when it already has that shape.
+
+    For the hot paths (a layer's forward): a no-op reshape still costs the namespace
+    wrapper's checks and, on torch, a new view and autograd node (a few µs per call).
+    """
+    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
+
+
 def device_of(x: Array) -> Any:
     """The device of ``x`` (``None`` for a traced JAX array)."""
     # compat's `device` tests for NumPy, dask, JAX and sparse arrays (a few µs) before

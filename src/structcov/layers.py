@@ -27,6 +27,7 @@ from ._array_api import (
     device_of,
     is_array_api_obj,
     namespace,
+    reshaped,
     same_device,
 )
 from ._random import standard_normal
@@ -558,10 +559,10 @@ def linear(
     batch = tuple(x.shape[sample_ndim:-1])
     num_rows = math.prod(batch)
     num_samples = 1 if shape is None else math.prod(shape)
-    x2 = xp.reshape(x, (num_samples, num_rows, d_in) if per_sample else (num_rows, d_in))
+    x2 = reshaped(xp, x, (num_samples, num_rows, d_in) if per_sample else (num_rows, d_in))
 
     if shape is None:
-        return xp.reshape(_mean_forward(xp, x2, means), (*batch, d_out))
+        return reshaped(xp, _mean_forward(xp, x2, means), (*batch, d_out))
     out_shape = (*shape, *batch, d_out)
     if local_reparameterization:
         mean_shape = out_shape if per_sample else (*batch, d_out)
@@ -576,7 +577,7 @@ def linear(
         return xp.reshape(out, out_shape)
 
     z = draw_noise(structure, storage, means, shape, generator)
-    z2 = xp.reshape(z, (num_samples, structure.num_factor_columns))
+    z2 = reshaped(xp, z, (num_samples, structure.num_factor_columns))
     plan = _plan(structure, num_samples, num_rows, per_sample)
     projection = _projection(structure)
     if plan == "project" and projection is not None:
@@ -586,7 +587,7 @@ def linear(
     else:
         formed = _formed_weights(xp, structure, storage, means, z2)
         out = _apply_weights(xp, x2, formed["weight"], formed.get("bias"), num_samples)
-    return xp.reshape(out, out_shape)
+    return reshaped(xp, out, out_shape)
 
 
 def _one_draw_forward(
@@ -609,7 +610,7 @@ def _one_draw_forward(
         formed = {
             name: means[name]
             + structure.standard_deviation(xp, storage, name)
-            * xp.reshape(z[0, offset : offset + size], shape)
+            * reshaped(xp, z[0, offset : offset + size], shape)
             for name, shape, offset, size in zip(
                 layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True
             )
