@@ -169,6 +169,8 @@ def test_train_step_smoke_run_reports_every_structure() -> None:
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[3]) > 0, row  # structcov and native timed
+        if cells[0] == "diagonal":  # structcov's layers with the native KL, timed
+            assert float(cells[6]) > 0 and float(cells[7]) > 0, row
 
 
 def test_train_step_jax_smoke_run_reports_every_structure() -> None:
